@@ -1,0 +1,5 @@
+"""``python -m gpusm`` runs the command line."""
+
+from gpusm.cli.main import main
+
+main()

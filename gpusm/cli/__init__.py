@@ -1,0 +1,1 @@
+"""The ``gpusm`` command line (Typer + Rich). Each command group lives in its own module."""

@@ -1,0 +1,434 @@
+"""The configuration file (``gpusm.yaml``): models, defaults, validation and loading.
+
+``load_config(path)`` returns a validated :class:`Config` whose relative paths are
+resolved against the file's folder, or raises :class:`~gpusm.errors.ConfigError` with
+one message naming the file, the key path and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gpusm.errors import ConfigError
+
+__all__ = [
+    "ApiConfig",
+    "Config",
+    "GpuConfig",
+    "HealthConfig",
+    "PhaseConfig",
+    "RestartConfig",
+    "ServiceConfig",
+    "SimGpuConfig",
+    "find_config_path",
+    "load_config",
+    "parse_config",
+]
+
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimGpuConfig(_Strict):
+    """The simulated GPU: its size, how long the 'driver' takes to free memory, where it lives."""
+
+    total_mib: Annotated[int, Field(gt=0)] = 24576
+    reclaim_lag_s: NonNegFloat = 0.2
+    dir: Path | None = None
+
+
+class GpuConfig(_Strict):
+    """Which GPU backend to read, and the admission and settling knobs."""
+
+    backend: Literal["nvml", "sim"] = "nvml"
+    reserve_mib: NonNegInt = 512
+    settle_timeout_s: PosFloat = 5.0
+    sim: SimGpuConfig = SimGpuConfig()
+
+
+class HealthConfig(_Strict):
+    """How to tell that a service is ready: exactly one of ``http``, ``tcp`` or ``exec``."""
+
+    http: str | None = None
+    tcp: str | None = None
+    exec: list[str] | None = None
+    expect_status: int = 200
+    # None = adaptive schedule (fast first, never slower than 1 s).
+    interval_s: PosFloat | None = None
+    # Deadline for the whole start (launch to healthy).
+    timeout_s: PosFloat = 300.0
+    # Bound on one probe.
+    probe_timeout_s: PosFloat = 2.0
+    # Consecutive failed probes of a healthy service before it counts as crashed.
+    failures_before_crash: Annotated[int, Field(ge=1)] = 3
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HealthConfig:
+        given = [k for k in ("http", "tcp", "exec") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of http, tcp or exec"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.http is not None:
+            parts = urlsplit(self.http)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"http must be a full URL like http://127.0.0.1:8188/health, got {self.http!r}"
+                )
+        if self.tcp is not None:
+            host, _, port = self.tcp.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"tcp must be host:port, got {self.tcp!r}")
+        return self
+
+    def port(self) -> int | None:
+        """The TCP port this check talks to, if any."""
+        if self.http is not None:
+            parts = urlsplit(self.http)
+            return parts.port or (443 if parts.scheme == "https" else 80)
+        if self.tcp is not None:
+            return int(self.tcp.rpartition(":")[2])
+        return None
+
+
+class RestartConfig(_Strict):
+    """What to do when a healthy service dies unasked."""
+
+    policy: Literal["no", "on-failure"] = "on-failure"
+    backoff_initial_s: PosFloat = 1.0
+    backoff_max_s: PosFloat = 60.0
+    max_starts: Annotated[int, Field(ge=1)] = 5
+    window_s: PosFloat = 600.0
+
+
+class ServiceConfig(_Strict):
+    """One model server: how to run it, how big it is, how important, how to check it."""
+
+    name: str = ""
+    runtime: Literal["native", "docker"] = "native"
+    # native
+    command: list[str] | None = None
+    cwd: Path | None = None
+    env: dict[str, str] = {}
+    # docker
+    image: str | None = None
+    ports: list[str] = []
+    volumes: list[str] = []
+    gpus: Literal["all"] | list[NonNegInt] | None = None
+    network_mode: str | None = None
+    pid_mode: str | None = None
+    init: bool = True
+    pull: bool = False
+    # both
+    vram_mib: NonNegInt
+    priority: int = 0
+    gpu: NonNegInt = 0
+    health: HealthConfig
+    stop_timeout_s: PosFloat = 10.0
+    drain_timeout_s: NonNegFloat = 30.0
+    idle_ttl_s: PosFloat | None = None
+    restart: RestartConfig = RestartConfig()
+
+    @model_validator(mode="after")
+    def _runtime_fields(self) -> ServiceConfig:
+        if self.runtime == "native":
+            if not self.command:
+                raise ValueError("a native service needs command: [program, args...]")
+            for key in ("image", "ports", "volumes", "gpus", "network_mode", "pid_mode"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"{key} is for docker services; remove it or set runtime: docker"
+                    )
+        elif not self.image:
+            raise ValueError("a docker service needs image: NAME[:TAG]")
+        for spec in self.ports:
+            if _host_port(spec) is None:
+                raise ValueError(
+                    f"ports entry {spec!r} must look like [ip:]host_port:container_port"
+                )
+        return self
+
+    def host_ports(self) -> set[int]:
+        """Every host port this service claims (published ports and its health check)."""
+        ports = {p for p in (_host_port(s) for s in self.ports) if p is not None}
+        health = self.health.port()
+        if health is not None:
+            ports.add(health)
+        return ports
+
+
+def _host_port(spec: str) -> int | None:
+    parts = spec.split("/")[0].split(":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[-2:]):
+        return None
+    return int(parts[-2])
+
+
+class PhaseConfig(_Strict):
+    """A pipeline phase: the services it needs, and whether to stop everything else."""
+
+    services: list[str] = []
+    release: bool = False
+
+
+class ApiConfig(_Strict):
+    """Where ``gpusm serve`` listens and where its bearer token lives."""
+
+    listen: str = "127.0.0.1:7723"
+    token_file: Path | None = None
+    cors_origins: list[str] = []
+
+
+class Config(_Strict):
+    """The whole file, validated; paths are absolute once loaded."""
+
+    state_dir: Path = Path("./state")
+    database: str | None = None
+    gpu: GpuConfig = GpuConfig()
+    services: dict[Name, ServiceConfig] = {}
+    phases: dict[Name, PhaseConfig] = {}
+    pipeline: list[str] = []
+    api: ApiConfig = ApiConfig()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _phase_shorthand(cls, raw: Any) -> Any:
+        # `phase: [a, b]` is short for `phase: {services: [a, b]}`; a null phase needs nothing.
+        if isinstance(raw, dict) and isinstance(raw.get("phases"), dict):
+            phases = {}
+            for name, value in raw["phases"].items():
+                if value is None:
+                    value = {"services": []}
+                elif isinstance(value, list):
+                    value = {"services": value}
+                phases[name] = value
+            raw = {**raw, "phases": phases}
+        if isinstance(raw, dict) and isinstance(raw.get("services"), dict):
+            raw = {
+                **raw,
+                "services": {
+                    n: ({**s, "name": n} if isinstance(s, dict) else s)
+                    for n, s in raw["services"].items()
+                },
+            }
+        return raw
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL of the event store (default: ``<state_dir>/gpusm.db``)."""
+        return self.database or f"sqlite:///{self.state_dir / 'gpusm.db'}"
+
+    @property
+    def sim_dir(self) -> Path:
+        """Folder of the simulated GPU (default: ``<state_dir>/simgpu``)."""
+        return self.gpu.sim.dir or self.state_dir / "simgpu"
+
+    @property
+    def token_path(self) -> Path:
+        """The API token file (default: ``<state_dir>/api-token``)."""
+        return self.api.token_file or self.state_dir / "api-token"
+
+    def service(self, name: str) -> ServiceConfig:
+        """The named service; UnknownName if the file does not define it."""
+        from gpusm.errors import UnknownName
+
+        try:
+            return self.services[name]
+        except KeyError:
+            raise UnknownName("service", name, list(self.services)) from None
+
+    def phase(self, name: str) -> PhaseConfig:
+        """The named phase; UnknownName if the file does not define it."""
+        from gpusm.errors import UnknownName
+
+        try:
+            return self.phases[name]
+        except KeyError:
+            raise UnknownName("phase", name, list(self.phases)) from None
+
+
+# ---------------------------------------------------------------- loading
+
+_FIXES = {
+    "extra_forbidden": "remove the key or correct its spelling",
+    "missing": "add the key",
+    "greater_than_equal": "use a value of zero or more",
+    "greater_than": "use a value above zero",
+    "int_parsing": "write a whole number",
+    "int_type": "write a whole number",
+    "float_parsing": "write a number",
+    "literal_error": "use one of the allowed values",
+    "string_pattern_mismatch": (
+        "use letters, digits, '_', '-' or '.' (at most 63), starting with a letter or digit"
+    ),
+    "list_type": "write a list, e.g. [a, b]",
+    "dict_type": "write a mapping of key: value",
+    "model_type": "write a mapping of key: value",
+    "bool_parsing": "write true or false",
+}
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        # pydantic inserts the union member or validator name into the location.
+        if isinstance(item, str) and (
+            item.startswith(("function-", "literal[", "list[")) or item in ("int", "str")
+        ):
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts)
+
+
+def parse_config(
+    raw: Mapping[str, Any], source: str = "<config>", base: Path | None = None
+) -> Config:
+    """Validate a mapping (as read from YAML); relative paths resolve against ``base``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            source, "", "the file must hold a mapping of keys", "start from examples/sim-demo.yaml"
+        )
+    try:
+        config = Config.model_validate(dict(raw))
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = _key_path(tuple(err["loc"]))
+        problem = str(err["msg"]).removeprefix("Value error, ")
+        fix = _FIXES.get(str(err["type"]), "see the config reference in README.md")
+        if err["type"] == "literal_error":
+            fix = f"use {problem.removeprefix('Input should be ')}"
+        if err["type"] == "value_error":
+            fix = problem
+        raise ConfigError(source, key, problem, fix) from None
+    config = _resolve_paths(config, base or Path.cwd())
+    _check_references(config, source)
+    return config.model_copy(update={"source": Path(source) if source != "<config>" else None})
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def absolute(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+    services = {
+        name: svc.model_copy(
+            update={
+                "cwd": absolute(svc.cwd),
+                "volumes": [_resolve_volume(v, base) for v in svc.volumes],
+            }
+        )
+        for name, svc in config.services.items()
+    }
+    sim = config.gpu.sim.model_copy(update={"dir": absolute(config.gpu.sim.dir)})
+    return config.model_copy(
+        update={
+            "state_dir": absolute(config.state_dir),
+            "gpu": config.gpu.model_copy(update={"sim": sim}),
+            "services": services,
+            "api": config.api.model_copy(update={"token_file": absolute(config.api.token_file)}),
+        }
+    )
+
+
+def _resolve_volume(spec: str, base: Path) -> str:
+    host, sep, rest = spec.partition(":")
+    if host.startswith((".", "~")):
+        host = str((base / Path(host).expanduser()).resolve())
+    return host + sep + rest
+
+
+def _check_references(config: Config, source: str) -> None:
+    for phase_name, phase in config.phases.items():
+        for i, member in enumerate(phase.services):
+            if member not in config.services:
+                raise ConfigError(
+                    source,
+                    f"phases.{phase_name}.services[{i}]",
+                    f"unknown service {member!r}",
+                    f"define it under services: or use one of {sorted(config.services) or 'none'}",
+                )
+    for i, phase_name in enumerate(config.pipeline):
+        if phase_name not in config.phases:
+            raise ConfigError(
+                source,
+                f"pipeline[{i}]",
+                f"unknown phase {phase_name!r}",
+                f"define it under phases: or use one of {sorted(config.phases) or 'none'}",
+            )
+    owners: dict[int, str] = {}
+    for name, svc in config.services.items():
+        for port in sorted(svc.host_ports()):
+            if port in owners and owners[port] != name:
+                raise ConfigError(
+                    source,
+                    f"services.{name}",
+                    f"port {port} is also used by service {owners[port]!r}",
+                    "give each service its own port",
+                )
+            owners[port] = name
+    if config.gpu.backend == "sim":
+        total = config.gpu.sim.total_mib
+        for name, svc in config.services.items():
+            if svc.vram_mib + config.gpu.reserve_mib > total:
+                raise ConfigError(
+                    source,
+                    f"services.{name}.vram_mib",
+                    f"{svc.vram_mib} MiB plus reserve_mib {config.gpu.reserve_mib} "
+                    f"exceeds the GPU's {total} MiB",
+                    "lower vram_mib or gpu.reserve_mib, or use a bigger GPU",
+                )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            str(file),
+            "",
+            "file not found",
+            "pass -c FILE, set GPUSM_CONFIG, or create ./gpusm.yaml",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            str(file), "", f"cannot read the file ({exc.strerror})", "check its permissions"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(
+            str(file), "", f"YAML syntax error at {where}: {problem}", "fix the YAML syntax there"
+        ) from None
+    if raw is None:
+        raw = {}
+    return parse_config(raw, source=str(file), base=file.resolve().parent)
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``--config`` if given, else ``$GPUSM_CONFIG``, else ``./gpusm.yaml``."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("GPUSM_CONFIG")
+    return Path(env) if env else Path("gpusm.yaml")

@@ -1,0 +1,211 @@
+"""The ports: what the coordinator needs from the outside world, as Protocols.
+
+Each port has a real adapter and an in-package fake, and one contract test suite runs
+against both (``tests/contracts/``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from gpusm.domain.events import NewEvent, RecordedEvent
+
+if TYPE_CHECKING:
+    from gpusm.config import HealthConfig, ServiceConfig
+
+__all__ = [
+    "Clock",
+    "DeviceSnapshot",
+    "EventQuery",
+    "EventStore",
+    "GpuProbe",
+    "Handle",
+    "HealthCheck",
+    "HealthResult",
+    "Runtime",
+    "StopResult",
+    "StreamHead",
+]
+
+
+# ---------------------------------------------------------------- clock
+@runtime_checkable
+class Clock(Protocol):
+    """Wall time for the record, monotonic time for timers, and a sleep tests can drive."""
+
+    def now(self) -> datetime:
+        """Current UTC time (timezone-aware)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back; only differences mean anything."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` (a manual clock advances instead)."""
+        ...
+
+
+# ---------------------------------------------------------------- event store
+@dataclass(frozen=True)
+class StreamHead:
+    """The latest known version and state of one stream (from the projection)."""
+
+    stream: str
+    version: int
+    state: str | None
+    last_seq: int
+    at: datetime
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """Filters for reading the log; every field narrows, ``None`` means any."""
+
+    stream: str | None = None
+    types: Sequence[str] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    after_seq: int = 0
+    limit: int | None = None
+    newest_first: bool = False
+
+
+class EventStore(Protocol):
+    """Append-only log of events with per-stream optimistic concurrency."""
+
+    def append(self, events: Sequence[NewEvent]) -> list[RecordedEvent]:
+        """Append atomically; a taken (stream, version) raises ConcurrencyConflict."""
+        ...
+
+    def read(self, query: EventQuery = EventQuery()) -> list[RecordedEvent]:
+        """Events matching ``query``, in ``seq`` order (or reversed)."""
+        ...
+
+    def heads(self) -> dict[str, StreamHead]:
+        """Latest version and state of every stream, without scanning the log."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; idempotent."""
+        ...
+
+
+# ---------------------------------------------------------------- GPU probe
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    """One GPU at one moment; ``processes`` maps host pid to MiB used."""
+
+    index: int
+    uuid: str
+    name: str
+    total_mib: int
+    used_mib: int
+    free_mib: int
+    processes: Mapping[int, int] = field(default_factory=dict)
+
+
+class GpuProbe(Protocol):
+    """Reads VRAM per device and per process."""
+
+    def device_count(self) -> int:
+        """Number of visible devices."""
+        ...
+
+    def snapshot(self, device: int | str = 0) -> DeviceSnapshot:
+        """Memory of one device, by index or UUID; GpuProbeError if it cannot be read."""
+        ...
+
+    def close(self) -> None:
+        """Release the library; idempotent."""
+        ...
+
+
+# ---------------------------------------------------------------- runtimes
+@dataclass(frozen=True)
+class Handle:
+    """What identifies a running instance: a pid with its create time, or a container."""
+
+    service: str
+    instance: str
+    pid: int | None = None
+    create_time: float | None = None
+    container_id: str | None = None
+
+    def as_data(self) -> dict[str, object]:
+        """The JSON form stored in ``ProcessLaunched`` events."""
+        return {
+            "instance": self.instance,
+            "pid": self.pid,
+            "create_time": self.create_time,
+            "container_id": self.container_id,
+        }
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """How a stop went: how long it took and whether SIGKILL (or docker kill) was needed."""
+
+    duration_s: float
+    escalated: bool
+    already_dead: bool = False
+
+
+class Runtime(Protocol):
+    """Starts, watches and stops service instances of one kind (native or docker)."""
+
+    def start(self, service: ServiceConfig, instance: str) -> Handle:
+        """Launch ``service``; ServiceStartFailed if it cannot."""
+        ...
+
+    def is_alive(self, handle: Handle) -> bool:
+        """Whether this exact instance still runs (a reused pid is not it)."""
+        ...
+
+    def stop(self, handle: Handle, grace_s: float) -> StopResult:
+        """TERM, wait up to ``grace_s``, then KILL; returns once nothing of it is left."""
+        ...
+
+    def pids_of(self, handle: Handle) -> set[int]:
+        """Host pids of the instance and its descendants (for VRAM attribution)."""
+        ...
+
+    def find_orphans(self) -> list[Handle]:
+        """Every live instance that carries gpusm's marker, ours or left from before."""
+        ...
+
+
+# ---------------------------------------------------------------- health
+@dataclass(frozen=True)
+class HealthResult:
+    """One verdict: ``ok`` or a ``reason`` a person can read; never an exception."""
+
+    ok: bool
+    reason: str = ""
+    probes: int = 1
+    elapsed_s: float = 0.0
+
+
+class HealthCheck(Protocol):
+    """Asks a service whether it is ready."""
+
+    def probe(self, health: HealthConfig) -> HealthResult:
+        """One probe, bounded by the probe timeout."""
+        ...
+
+    def wait_healthy(
+        self,
+        health: HealthConfig,
+        deadline_s: float,
+        still_alive: Callable[[], bool] = lambda: True,
+        started_at: float | None = None,
+    ) -> HealthResult:
+        """Probe on schedule until ok, ``deadline_s`` (monotonic) passes, or the process dies."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; idempotent."""
+        ...
