@@ -1,0 +1,392 @@
+"""Who may be stopped, and does a request fit: the pure admission and eviction policy.
+
+Everything here is arithmetic over plain values that the coordinator gathers (service
+views, other clients' leases, a GPU reading); nothing reads a clock, a GPU or a database.
+
+Admission arithmetic::
+
+    reservation(service)  = max(declared vram_mib, learned peak)
+    free for admission    = max(0, min(driver free, total - sum(reservations of ACTIVE
+                                       services) - foreign) - reserve_mib)
+    need                  = sum(reservations of needed services not STARTING/HEALTHY)
+
+A DRAINING service still holds its reservation until it is stopped: it is counted in the
+sum, and if the request needs it again it is counted in ``need`` too (conservative; the
+request fits once the drain has finished and the coordinator plans again).
+
+Victims are chosen in this order and only as a prefix of it: idle services (running, not
+needed by the request nor leased by another client), then services leased by another
+client at a priority strictly below the request's; each group lowest priority first,
+then least recently used. Nothing is stopped unless stopping the allowed candidates
+makes the request fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from gpusm.domain.states import ACTIVE_STATES, RUNNING_STATES, State
+from gpusm.errors import InsufficientVram, UnknownName
+
+__all__ = [
+    "GpuView",
+    "Plan",
+    "ServiceView",
+    "Victim",
+    "free_after_stopping",
+    "free_for_admission",
+    "idle_expired",
+    "plan_admission",
+    "release_plan",
+    "request_priority",
+    "restart_delay",
+    "start_budget_left",
+]
+
+
+def _require_non_negative(owner: str, **values: float) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise ValueError(f"{owner}.{key} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """What the policy knows about one service; ``last_used`` is a monotonic timestamp.
+
+    Mappings of views passed to this module are keyed by ``name``.
+    """
+
+    name: str
+    state: State
+    vram_mib: int
+    learned_peak_mib: int
+    priority: int
+    last_used: float
+    idle_ttl_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _require_non_negative(
+            f"service {self.name!r}", vram_mib=self.vram_mib, learned_peak_mib=self.learned_peak_mib
+        )
+
+    @property
+    def reservation(self) -> int:
+        """The MiB this service is assumed to hold while active: max(declared, learned peak)."""
+        return max(self.vram_mib, self.learned_peak_mib)
+
+
+@dataclass(frozen=True)
+class GpuView:
+    """One GPU reading: ``foreign_mib`` is memory held by processes gpusm does not own."""
+
+    total_mib: int
+    driver_free_mib: int
+    foreign_mib: int
+    reserve_mib: int
+
+    def __post_init__(self) -> None:
+        _require_non_negative(
+            "gpu",
+            total_mib=self.total_mib,
+            driver_free_mib=self.driver_free_mib,
+            foreign_mib=self.foreign_mib,
+            reserve_mib=self.reserve_mib,
+        )
+
+
+@dataclass(frozen=True)
+class Victim:
+    """A service to stop: ``evict`` (idle) or ``preempt`` (drain another client's use first)."""
+
+    name: str
+    kind: Literal["evict", "preempt"]
+    frees_mib: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The policy's answer to one request.
+
+    When ``fits`` is true, stopping ``victims`` in order and then starting ``to_start``
+    keeps ``need_mib <= free_after_mib``. When it is false, ``victims`` is empty (nothing
+    is stopped for nothing) and ``blocked_by`` names the running services the policy may
+    not stop because a client at an equal or higher priority uses them.
+    """
+
+    fits: bool
+    need_mib: int
+    free_before_mib: int
+    free_after_mib: int
+    to_start: tuple[str, ...]
+    already_running: tuple[str, ...]
+    victims: tuple[Victim, ...]
+    blocked_by: tuple[str, ...]
+    reason: str
+    foreign_mib: int = 0
+
+    def insufficient(self) -> InsufficientVram:
+        """The error to raise when a request that does not fit runs out of time."""
+        return InsufficientVram(
+            self.need_mib, self.free_before_mib, self.foreign_mib, list(self.blocked_by)
+        )
+
+
+def free_after_stopping(
+    services: Mapping[str, ServiceView], gpu: GpuView, stopped: Iterable[str] = ()
+) -> int:
+    """Free MiB for admission, assuming the ACTIVE services named in ``stopped`` are gone.
+
+    Each stopped service gives back its reservation on both sides of the ``min``: it
+    leaves the sum of reservations, and driver free grows by it (no explicit cap at the
+    total is needed: the accounting side never exceeds it). The driver side may thus be
+    optimistic when a service held less than its reservation; the coordinator waits for
+    the VRAM to settle and plans again before it starts anything, so an optimistic
+    estimate costs a re-plan, never an OOM. The result is never negative: an
+    over-committed GPU has 0 MiB free.
+    """
+    gone = set(stopped)
+    reserved = 0
+    returned = 0
+    for view in services.values():
+        if view.state not in ACTIVE_STATES:
+            continue
+        if view.name in gone:
+            returned += view.reservation
+        else:
+            reserved += view.reservation
+    driver_free = gpu.driver_free_mib + returned
+    accounted = gpu.total_mib - reserved - gpu.foreign_mib
+    return max(0, min(driver_free, accounted) - gpu.reserve_mib)
+
+
+def free_for_admission(services: Mapping[str, ServiceView], gpu: GpuView) -> int:
+    """Free MiB for admission now: min(driver free, total - reservations - foreign) - reserve."""
+    return free_after_stopping(services, gpu)
+
+
+def _known(needed: Sequence[str], services: Mapping[str, ServiceView]) -> list[str]:
+    """``needed`` without duplicates, in order; an unknown name raises UnknownName."""
+    for name in needed:
+        if name not in services:
+            raise UnknownName("service", name, list(services))
+    return list(dict.fromkeys(needed))
+
+
+def request_priority(
+    needed: Sequence[str], services: Mapping[str, ServiceView], explicit: int | None
+) -> int:
+    """``explicit`` when given, else the highest priority among the needed services.
+
+    A request that needs no service gets priority 0; it has nothing to start, so its
+    priority never makes anything stop.
+    """
+    names = _known(needed, services)
+    if explicit is not None:
+        return explicit
+    return max((services[n].priority for n in names), default=0)
+
+
+def _leased_by(leases: Mapping[str, frozenset[str]]) -> dict[str, list[str]]:
+    """Service name -> the sorted clients whose current phase holds it."""
+    holders: dict[str, list[str]] = {}
+    for client in sorted(leases):
+        for name in leases[client]:
+            holders.setdefault(name, []).append(client)
+    return holders
+
+
+def _eviction_order(views: Iterable[ServiceView]) -> list[ServiceView]:
+    # Lowest priority first, then least recently used; the name breaks ties so that the
+    # same inputs always give the same plan.
+    return sorted(views, key=lambda v: (v.priority, v.last_used, v.name))
+
+
+def release_plan(
+    needed: Sequence[str],
+    services: Mapping[str, ServiceView],
+    leases: Mapping[str, frozenset[str]],
+) -> list[str]:
+    """Running services that a ``release: true`` phase stops, in eviction order.
+
+    That is every STARTING/HEALTHY service that this phase does not need and no other
+    client's current phase (``leases``) holds.
+    """
+    keep = set(_known(needed, services)) | set(_leased_by(leases))
+    idle = (v for v in services.values() if v.state in RUNNING_STATES and v.name not in keep)
+    return [v.name for v in _eviction_order(idle)]
+
+
+def idle_expired(
+    services: Mapping[str, ServiceView],
+    leases: Mapping[str, frozenset[str]],
+    now_mono: float,
+) -> list[str]:
+    """HEALTHY services whose idle TTL has run out, soonest-expired first.
+
+    A service qualifies when it has ``idle_ttl_s``, no client's phase holds it, and
+    ``last_used + idle_ttl_s <= now_mono``. STARTING services are left alone: they have
+    not had a chance to be used yet.
+    """
+    leased = _leased_by(leases)
+    expired = [
+        v
+        for v in services.values()
+        if v.state is State.HEALTHY
+        and v.idle_ttl_s is not None
+        and v.name not in leased
+        and v.last_used + v.idle_ttl_s <= now_mono
+    ]
+    expired.sort(key=lambda v: (v.last_used + (v.idle_ttl_s or 0.0), v.name))
+    return [v.name for v in expired]
+
+
+def plan_admission(
+    needed: Sequence[str],
+    services: Mapping[str, ServiceView],
+    leases: Mapping[str, frozenset[str]],
+    gpu: GpuView,
+    request_priority: int,
+    requester: str = "",
+) -> Plan:
+    """Decide what to stop so that the needed services can start, or why they cannot.
+
+    ``leases`` maps each OTHER client to the services its current phase holds; the
+    requesting client's previous phase is released by the new one, so the caller leaves
+    it out. ``requester`` (e.g. ``"client w1, phase video"``) is quoted in victims'
+    reasons. A needed service is never a victim; an unknown name raises UnknownName.
+    A needed service that is STOPPED, DRAINING or FAILED is in ``to_start``; refusing a
+    FAILED one (it needs a reset first) is the caller's decision, not the policy's.
+    """
+    names = _known(needed, services)
+    running = tuple(n for n in names if services[n].state in RUNNING_STATES)
+    to_start = tuple(n for n in names if n not in running)
+    need = sum(services[n].reservation for n in to_start)
+    free_before = free_for_admission(services, gpu)
+
+    def plan(
+        fits: bool, free_after: int, victims: Sequence[Victim], blocked: Sequence[str], why: str
+    ) -> Plan:
+        return Plan(
+            fits=fits,
+            need_mib=need,
+            free_before_mib=free_before,
+            free_after_mib=free_after,
+            to_start=to_start,
+            already_running=running,
+            victims=tuple(victims),
+            blocked_by=tuple(blocked),
+            reason=why,
+            foreign_mib=gpu.foreign_mib,
+        )
+
+    if need <= free_before:
+        return plan(True, free_before, (), (), f"fits: need {need} MiB, {free_before} MiB free")
+
+    holders = _leased_by(leases)
+    others = [v for v in services.values() if v.state in RUNNING_STATES and v.name not in names]
+    idle = _eviction_order(v for v in others if v.name not in holders)
+    leased = [v for v in others if v.name in holders]
+    preemptable = _eviction_order(v for v in leased if v.priority < request_priority)
+    blocked = sorted(v.name for v in leased if v.priority >= request_priority)
+    candidates = idle + preemptable
+
+    best = free_after_stopping(services, gpu, (v.name for v in candidates))
+    if need > best:
+        why = _cannot_fit(need, free_before, best, services, gpu, blocked, request_priority)
+        return plan(False, free_before, (), blocked, why)
+
+    beneficiary = ", ".join(to_start) + (f" ({requester})" if requester else "")
+    victims: list[Victim] = []
+    free_after = free_before
+    for view in candidates:
+        # Stop as few as needed: the walk ends at the first prefix of the order that fits;
+        # `best` above guarantees that one does.
+        if need <= free_after:
+            break
+        victims.append(_victim(view, holders, request_priority, beneficiary))
+        free_after = free_after_stopping(services, gpu, (v.name for v in victims))
+    stopped = ", ".join(v.name for v in victims)
+    why = (
+        f"fits after stopping {stopped}: need {need} MiB, {free_before} MiB free before, "
+        f"{free_after} MiB after"
+    )
+    return plan(True, free_after, victims, (), why)
+
+
+def _victim(
+    view: ServiceView, holders: Mapping[str, list[str]], priority: int, beneficiary: str
+) -> Victim:
+    if view.name in holders:
+        clients = ", ".join(holders[view.name])
+        return Victim(
+            view.name,
+            "preempt",
+            view.reservation,
+            f"in use by {clients} at priority {view.priority} < {priority}, "
+            f"preempted to make room for {beneficiary}",
+        )
+    return Victim(
+        view.name,
+        "evict",
+        view.reservation,
+        f"idle, priority {view.priority}, to make room for {beneficiary}",
+    )
+
+
+def _cannot_fit(
+    need: int,
+    free_before: int,
+    best: int,
+    services: Mapping[str, ServiceView],
+    gpu: GpuView,
+    blocked: Sequence[str],
+    priority: int,
+) -> str:
+    parts = [
+        f"cannot fit: need {need} MiB, {free_before} MiB free for admission, "
+        f"{best} MiB even after stopping every service the policy allows"
+    ]
+    ceiling = gpu.total_mib - gpu.foreign_mib - gpu.reserve_mib
+    if need > ceiling:
+        parts.append(
+            f"more than this GPU can ever offer ({gpu.total_mib} MiB total - "
+            f"{gpu.foreign_mib} MiB foreign - {gpu.reserve_mib} MiB reserve = {ceiling} MiB)"
+        )
+    if gpu.foreign_mib:
+        parts.append(f"{gpu.foreign_mib} MiB held by processes gpusm does not own")
+    draining = sorted(v.name for v in services.values() if v.state is State.DRAINING)
+    if draining:
+        held = sum(services[n].reservation for n in draining)
+        parts.append(f"{held} MiB still held by draining {', '.join(draining)}")
+    if blocked:
+        parts.append(f"blocked by {', '.join(blocked)} (in use at priority >= {priority})")
+    return "; ".join(parts)
+
+
+def restart_delay(attempt: int, initial_s: float, max_s: float) -> float:
+    """Seconds to wait before restart number ``attempt`` (1-based): initial * 2**(n-1), capped.
+
+    With ``initial_s=1`` the delays are 1, 2, 4, 8… up to ``max_s``.
+    """
+    if attempt < 1:
+        raise ValueError(f"restart attempt must be >= 1, got {attempt}")
+    _require_non_negative("restart", initial_s=initial_s, max_s=max_s)
+    # The exponent is capped so that 2.0**n cannot overflow; the product may reach inf,
+    # which the cap turns back into max_s.
+    return min(initial_s * 2.0 ** min(attempt - 1, 1000), max_s)
+
+
+def start_budget_left(
+    start_times: list[float], now: float, max_starts: int, window_s: float
+) -> bool:
+    """Whether one more start is allowed: fewer than ``max_starts`` starts in the window.
+
+    A start counts while ``now - started < window_s``; starts stamped after ``now`` count
+    too (conservative against clock skew between callers).
+    """
+    recent = sum(1 for t in start_times if now - t < window_s)
+    return recent < max_starts
