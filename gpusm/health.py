@@ -1,0 +1,188 @@
+"""Health checks: is a service ready? By HTTP status, TCP connect, or a command's exit code.
+
+``Health.probe`` never raises: every failure becomes a ``HealthResult`` whose
+``reason`` a person can read ("connection refused to http://…", "status 503",
+"exit 1: <stderr tail>", "timed out after 2.0s").
+
+``Health.wait_healthy`` polls on :func:`next_interval`'s schedule. Without a
+configured ``interval_s`` the schedule is adaptive: probe every 2% of the time since
+the service started, at least every 10 ms and at most every 1 s. Readiness then is
+noticed, at the median, within about half an interval plus one probe: ≤ max(25 ms,
+2% of the service's own load time), while a service that loads for minutes is
+probed about once a second.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httpx
+
+from gpusm.clock import SystemClock
+from gpusm.ports import Clock, HealthResult
+from gpusm.runtimes.native import kill_tree
+
+if TYPE_CHECKING:
+    from gpusm.config import HealthConfig
+
+__all__ = ["ADAPTIVE_FACTOR", "MAX_INTERVAL_S", "MIN_INTERVAL_S", "Health", "next_interval"]
+
+# Adaptive schedule: interval = clamp(ADAPTIVE_FACTOR * elapsed, MIN, MAX).
+ADAPTIVE_FACTOR = 0.02
+# Floor: keeps probing cheap for the service and for us (a probe costs ~1 ms).
+MIN_INTERVAL_S = 0.01
+# Ceiling: a service is never probed less often than once a second.
+MAX_INTERVAL_S = 1.0
+# How much of an exec probe's stderr goes into the reason.
+_STDERR_TAIL = 300
+
+
+def next_interval(elapsed_s: float, configured: float | None) -> float:
+    """Seconds to wait before the next probe, ``elapsed_s`` after the service started.
+
+    ``configured`` (the service's ``health.interval_s``) wins when given.
+    """
+    if configured is not None:
+        return configured
+    return min(max(ADAPTIVE_FACTOR * max(elapsed_s, 0.0), MIN_INTERVAL_S), MAX_INTERVAL_S)
+
+
+class Health:
+    """Implements :class:`gpusm.ports.HealthCheck` with one reused HTTP client."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or SystemClock()
+        # trust_env=False: a proxy from the environment must not sit between us and
+        # a service on 127.0.0.1.
+        self._client = httpx.Client(trust_env=False, follow_redirects=False)
+
+    def probe(self, health: HealthConfig, timeout_s: float | None = None) -> HealthResult:
+        """One probe, bounded by ``timeout_s`` (default: ``health.probe_timeout_s``)."""
+        timeout = health.probe_timeout_s if timeout_s is None else timeout_s
+        began = self.clock.monotonic()
+        if health.http is not None:
+            ok, reason = self._http(health.http, health.expect_status, timeout)
+        elif health.tcp is not None:
+            ok, reason = _tcp(health.tcp, timeout)
+        else:
+            assert health.exec is not None  # the config allows exactly one kind
+            ok, reason = _exec(health.exec, timeout)
+        return HealthResult(ok=ok, reason=reason, elapsed_s=self.clock.monotonic() - began)
+
+    def wait_healthy(
+        self,
+        health: HealthConfig,
+        deadline_s: float,
+        still_alive: Callable[[], bool] = lambda: True,
+        started_at: float | None = None,
+    ) -> HealthResult:
+        """Probe until ok, until ``deadline_s`` (monotonic) passes, or until the process dies.
+
+        ``started_at`` (monotonic) is when the service was launched; the adaptive
+        schedule grows with the time since then.
+        """
+        began = self.clock.monotonic()
+        start = began if started_at is None else started_at
+        probes = 0
+        last = "no probe made"
+        while True:
+            if not still_alive():
+                return self._verdict(
+                    False, f"process exited before becoming healthy ({last})", probes, began
+                )
+            now = self.clock.monotonic()
+            remaining = deadline_s - now
+            if remaining <= 0:
+                waited = now - start
+                return self._verdict(
+                    False, f"not healthy after {waited:.1f}s: {last}", probes, began
+                )
+            result = self.probe(health, min(health.probe_timeout_s, remaining))
+            probes += 1
+            if result.ok:
+                return self._verdict(True, "", probes, began)
+            last = result.reason
+            pause = next_interval(self.clock.monotonic() - start, health.interval_s)
+            self.clock.sleep(min(pause, max(0.0, deadline_s - self.clock.monotonic())))
+
+    def close(self) -> None:
+        """Close the HTTP client; idempotent."""
+        self._client.close()
+
+    def __enter__(self) -> Health:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _verdict(self, ok: bool, reason: str, probes: int, began: float) -> HealthResult:
+        elapsed = self.clock.monotonic() - began
+        return HealthResult(ok=ok, reason=reason, probes=probes, elapsed_s=elapsed)
+
+    def _http(self, url: str, expect: int, timeout: float) -> tuple[bool, str]:
+        try:
+            response = self._client.get(url, timeout=timeout)
+        except httpx.TimeoutException:
+            return False, f"timed out after {timeout:.1f}s waiting for {url}"
+        except httpx.ConnectError as exc:
+            return False, f"{_connect_problem(exc)} to {url}"
+        except httpx.HTTPError as exc:
+            return False, f"HTTP error from {url}: {exc or type(exc).__name__}"
+        if response.status_code != expect:
+            return False, f"status {response.status_code} from {url} (expected {expect})"
+        return True, ""
+
+
+def _connect_problem(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "refused" in text:
+        return "connection refused"
+    if "name or service" in text or "nodename" in text or "resolve" in text:
+        return "cannot resolve host"
+    return f"cannot connect ({exc})"
+
+
+def _tcp(target: str, timeout: float) -> tuple[bool, str]:
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True, ""
+    except TimeoutError:
+        return False, f"timed out after {timeout:.1f}s connecting to {target}"
+    except ConnectionRefusedError:
+        return False, f"connection refused to {target}"
+    except OSError as exc:
+        return False, f"cannot connect to {target}: {exc.strerror or exc}"
+
+
+def _exec(argv: list[str], timeout: float) -> tuple[bool, str]:
+    try:
+        # Own session, so that a probe that times out is killed with its children.
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return False, f"cannot run {argv[0]!r}: {exc.strerror or exc}"
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        try:
+            proc.communicate(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            # A descendant that escaped the kill still holds stderr; stop reading it.
+            if proc.stderr is not None:
+                proc.stderr.close()
+            proc.wait(timeout=1.0)
+        return False, f"timed out after {timeout:.1f}s running {argv[0]!r}"
+    if proc.returncode == 0:
+        return True, ""
+    tail = err.decode(errors="replace").strip()[-_STDERR_TAIL:]
+    return False, f"exit {proc.returncode}" + (f": {tail}" if tail else "")
