@@ -1,0 +1,200 @@
+"""A fake model server that holds simulated GPU memory, for tests and demos.
+
+``gpusm sim service --vram-mib N --port P`` runs :func:`run_fake_server`: it answers
+HTTP at once (``GET /health``: 503 while loading or stopping, 200 when ready; ``GET /``
+or ``/info``: JSON), allocates its memory from the simulated GPU in a few chunks over
+``load_s`` seconds, and then serves until told to stop. It never releases its memory
+itself: the simulated GPU sees the process die and frees the memory after its lag,
+exactly as a driver would.
+
+Exit codes: 0 after a SIGTERM/SIGINT stop, 1 for ``crash_after``, 3 for a simulated
+OOM, 4 when the port cannot be bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from gpusm.errors import SimOutOfMemory
+from gpusm.gpu.sim import SimGpu
+
+__all__ = [
+    "EXIT_CRASHED",
+    "EXIT_OOM",
+    "EXIT_PORT",
+    "EXIT_STOPPED",
+    "FakeServerOptions",
+    "run_fake_server",
+]
+
+EXIT_STOPPED = 0
+EXIT_CRASHED = 1
+EXIT_OOM = 3
+EXIT_PORT = 4
+
+# Loading allocates in this many chunks, so a watcher sees usage grow before ready.
+_CHUNKS = 4
+# How often the main loop looks at the stop flag; signal handlers only set a flag.
+_TICK_S = 0.02
+
+
+@dataclass(frozen=True)
+class FakeServerOptions:
+    """How the fake server behaves; see ``gpusm sim service --help``."""
+
+    vram_mib: int
+    port: int
+    sim_dir: Path
+    host: str = "127.0.0.1"
+    load_s: float = 0.0
+    stop_s: float = 0.0
+    ignore_sigterm: bool = False
+    crash_after: float | None = None
+    grow_mib: int = 0
+
+
+class _Server:
+    """The running server's state, shared by the main thread and the HTTP threads."""
+
+    def __init__(self, options: FakeServerOptions) -> None:
+        self.options = options
+        self.state = "loading"
+        self.held_mib = 0
+        self.started = time.time()
+        self.stop_requested = False
+
+    def info(self) -> dict[str, Any]:
+        opts = asdict(self.options)
+        opts["sim_dir"] = str(self.options.sim_dir)
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            "vram_mib": self.held_mib,
+            "uptime_s": round(time.time() - self.started, 3),
+            "options": opts,
+        }
+
+    def log(self, message: str) -> None:
+        print(f"fake server pid {os.getpid()}: {message}", file=sys.stderr, flush=True)
+
+
+def _handler(server: _Server) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/health":
+                status = 200 if server.state == "ready" else 503
+            elif path in ("/", "/info"):
+                status = 200
+            else:
+                status = 404
+            body = json.dumps(server.info()).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # Health probes arrive many times a second; logging them would flood the log file.
+            return
+
+    return Handler
+
+
+def _install_signals(server: _Server) -> None:
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        server.stop_requested = True
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if server.options.ignore_sigterm else on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+
+
+def _wait(server: _Server, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True if a stop was requested meanwhile."""
+    deadline = time.monotonic() + seconds
+    while not server.stop_requested:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(_TICK_S, left))
+    return True
+
+
+def _allocate(server: _Server, sim: SimGpu, mib: int) -> None:
+    sim.allocate(mib)
+    server.held_mib += mib
+
+
+def run_fake_server(options: FakeServerOptions, sim: SimGpu) -> int:
+    """Serve until stopped, crashed or out of memory; returns the process exit code."""
+    server = _Server(options)
+    _install_signals(server)
+    try:
+        httpd = ThreadingHTTPServer((options.host, options.port), _handler(server))
+    except OSError as exc:
+        server.log(f"cannot listen on {options.host}:{options.port}: {exc.strerror}")
+        return EXIT_PORT
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    try:
+        return _lifecycle(server, sim)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _lifecycle(server: _Server, sim: SimGpu) -> int:
+    options = server.options
+    server.log(
+        f"listening on {options.host}:{options.port}; loading {options.vram_mib} MiB "
+        f"over {options.load_s}s"
+    )
+    chunks = _split(options.vram_mib, _CHUNKS)
+    try:
+        for chunk in chunks or [0]:
+            if _wait(server, options.load_s / max(len(chunks), 1)):
+                return _stop(server)
+            if chunk:
+                _allocate(server, sim, chunk)
+        server.state = "ready"
+        server.log(f"ready, holding {server.held_mib} MiB")
+        if options.grow_mib > 0:
+            _allocate(server, sim, options.grow_mib)
+            server.log(f"grew to {server.held_mib} MiB")
+    except SimOutOfMemory as exc:
+        server.state = "oom"
+        server.log(f"out of memory: {exc}")
+        return EXIT_OOM
+    if _wait(server, float("inf") if options.crash_after is None else options.crash_after):
+        return _stop(server)
+    server.state = "crashed"
+    server.log(f"crashing {options.crash_after}s after ready, as asked")
+    return EXIT_CRASHED
+
+
+def _stop(server: _Server) -> int:
+    server.state = "stopping"
+    server.log(f"stop requested; stopping in {server.options.stop_s}s")
+    time.sleep(server.options.stop_s)
+    server.log("stopped")
+    return EXIT_STOPPED
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` in at most ``parts`` positive chunks (nothing for 0)."""
+    parts = max(1, min(parts, total))
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)] if total > 0 else []

@@ -1,0 +1,23 @@
+"""Fixtures for the GPU probe tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sim_helpers import Spawner
+
+
+@pytest.fixture
+def spawner() -> Iterator[Spawner]:
+    """Starts helper processes; every one still alive is killed and reaped at teardown."""
+    spawner = Spawner()
+    yield spawner
+    spawner.close()
+
+
+@pytest.fixture
+def sim_dir(tmp_path: Path) -> Path:
+    """Where a test's simulated GPU lives (not created yet)."""
+    return tmp_path / "simgpu"

@@ -1,0 +1,82 @@
+"""Helpers for simulated-GPU tests: holder processes that are always cleaned up, polling."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+__all__ = ["Spawner", "free_port", "wait_for"]
+
+T = TypeVar("T")
+
+# Allocates argv[2] MiB on the sim GPU at argv[1], says so, and exits when stdin closes.
+_HOLDER = """
+import sys
+from pathlib import Path
+from gpusm.gpu.sim import SimGpu
+SimGpu(Path(sys.argv[1])).allocate(int(sys.argv[2]))
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+class Spawner:
+    """Starts child processes and kills every one still running at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def popen(self, argv: list[str], **kwargs: object) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(argv, text=True, **kwargs)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    def holder(self, sim_dir: Path, mib: int) -> subprocess.Popen[str]:
+        """A process holding ``mib`` MiB; close its stdin (or kill it) to end it."""
+        proc = self.popen(
+            [sys.executable, "-c", _HOLDER, str(sim_dir), str(mib)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "holding"
+        return proc
+
+    def sleeper(self) -> subprocess.Popen[str]:
+        """A process that does nothing until killed or its stdin closes."""
+        return self.popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+        )
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def wait_for(check: Callable[[], T | None], timeout_s: float = 10.0, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
