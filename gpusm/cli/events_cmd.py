@@ -1,0 +1,207 @@
+"""``gpusm events``, ``gpusm history`` and ``gpusm db upgrade``: reading and keeping the log.
+
+Each opens the event store named by the config (``database``, default
+``<state_dir>/gpusm.db``), creating and migrating it if needed, and closes it again.
+``--json`` prints one JSON object per line, for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from gpusm import audit
+from gpusm.cli.common import EXIT_CONFIG, ConfigOption, console, fail, friendly_errors, load
+from gpusm.config import Config
+from gpusm.domain.events import RecordedEvent
+from gpusm.errors import UnknownName
+from gpusm.store.sql import SqlEventStore, upgrade
+
+__all__ = ["register"]
+
+db_app = typer.Typer(help="Look after the event database.", no_args_is_help=True)
+
+
+@contextmanager
+def _store(cfg: Config) -> Iterator[SqlEventStore]:
+    store = SqlEventStore(cfg.database_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(
+            f"{option}: {value!r} is not an ISO-8601 time; write e.g. 2026-01-31T12:00:00Z "
+            "or 2026-01-31 (times without a zone are UTC)",
+            EXIT_CONFIG,
+        )
+    # A time without a zone is taken as UTC, like every time gpusm records.
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _when(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "ongoing"
+    if seconds < 60:
+        return f"{seconds:.3f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    text = f"{minutes}m {secs:02d}s" if not hours else f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{days}d {text}" if days else text
+
+
+def _event_dict(event: RecordedEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "at": event.at.isoformat(),
+        "stream": event.stream,
+        "version": event.version,
+        "type": event.type,
+        "from_state": event.from_state,
+        "to_state": event.to_state,
+        "data": dict(event.data),
+    }
+
+
+def _json_line(obj: dict[str, Any]) -> None:
+    typer.echo(json.dumps(obj, separators=(",", ":"), sort_keys=False))
+
+
+def events(
+    service: Annotated[
+        str | None, typer.Option("--service", "-s", help="Only this service (stream).")
+    ] = None,
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", "-t", help="Only this event type; repeat for several."),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="From this ISO-8601 time on (inclusive; no zone = UTC).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Before this ISO-8601 time.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=0, help="Only the newest N matching events.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Show the event log, oldest first."""
+    cfg = load(config)
+    since_at = _parse_time(since, "--since")
+    until_at = _parse_time(until, "--until")
+    with friendly_errors(), _store(cfg) as store:
+        found = audit.query_events(
+            store, service=service, type=types, since=since_at, until=until_at, limit=limit
+        )
+    if as_json:
+        for event in found:
+            _json_line(_event_dict(event))
+        return
+    if not found:
+        console.print("no events")
+        return
+    table = Table(box=None)
+    # The identifying columns never wrap; the data column folds to whatever room is left.
+    for name in ("seq", "at (UTC)", "stream", "v", "type"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("state")
+    table.add_column("data", overflow="fold")
+    for event in found:
+        move = ""
+        if event.to_state is not None:
+            move = event.to_state
+            if event.from_state not in (None, event.to_state):
+                move = f"{event.from_state} -> {event.to_state}"
+        data = json.dumps(dict(event.data), separators=(",", ":")) if event.data else ""
+        # Text(): logged strings are data, never Rich markup.
+        table.add_row(
+            str(event.seq),
+            _when(event.at),
+            Text(event.stream),
+            str(event.version),
+            Text(event.type),
+            Text(move),
+            Text(data),
+        )
+    console.print(table)
+
+
+def history(
+    service: Annotated[str, typer.Argument(help="The service whose timeline to show.")],
+    stops: Annotated[
+        bool, typer.Option("--stops", help="Explain each stop and crash instead.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Show a service's states over time and how long each lasted (or why it stopped)."""
+    cfg = load(config)
+    with friendly_errors():
+        with _store(cfg) as store:
+            intervals = audit.history(store, service)
+            explained = audit.explain_stops(store, service) if stops else []
+        if not intervals and service not in cfg.services:
+            raise UnknownName("service", service, list(cfg.services))
+    if as_json:
+        for item in explained if stops else intervals:
+            _json_line(item.as_dict())
+        return
+    if not intervals:
+        console.print(f"no events for service {service!r} yet", markup=False)
+        return
+    if stops:
+        for stop in explained:
+            console.print(f"#{stop.seq} {stop.summary()}", markup=False, soft_wrap=True)
+        if not explained:
+            console.print(f"service {service!r} has not stopped yet", markup=False)
+        return
+    table = Table(box=None)
+    for name in ("since (UTC)", "state", "for", "entered by"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("reason", overflow="fold")
+    for interval in intervals:
+        table.add_row(
+            _when(interval.entered_at),
+            interval.state,
+            _duration(interval.duration_s),
+            Text(f"{interval.entered_by} #{interval.seq}"),
+            Text(interval.reason or ""),
+        )
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Create the event database, or migrate it to the newest schema."""
+    cfg = load(config)
+    with friendly_errors():
+        revision = upgrade(cfg.database_url)
+    console.print(
+        f"event database {cfg.database_url}: schema revision {revision} (newest)", markup=False
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``events``, ``history`` and the ``db`` group to ``app``."""
+    app.command("events")(events)
+    app.command("history")(history)
+    app.add_typer(db_app, name="db")

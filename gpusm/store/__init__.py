@@ -1,0 +1,6 @@
+"""Event stores: SQLite for real use, memory for tests; both satisfy ``gpusm.ports.EventStore``."""
+
+from gpusm.store.memory import MemoryEventStore
+from gpusm.store.sql import SqlEventStore, upgrade
+
+__all__ = ["MemoryEventStore", "SqlEventStore", "upgrade"]
