@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -22,7 +22,9 @@ from gpusm.cli.common import EXIT_CONFIG, ConfigOption, console, fail, friendly_
 from gpusm.config import Config
 from gpusm.domain.events import RecordedEvent
 from gpusm.errors import UnknownName
-from gpusm.store.sql import SqlEventStore, upgrade
+
+if TYPE_CHECKING:
+    from gpusm.store.sql import SqlEventStore
 
 __all__ = ["register"]
 
@@ -31,6 +33,9 @@ db_app = typer.Typer(help="Look after the event database.", no_args_is_help=True
 
 @contextmanager
 def _store(cfg: Config) -> Iterator[SqlEventStore]:
+    # Imported here: SQLAlchemy is slow to import, and every `gpusm` process pays for it.
+    from gpusm.store.sql import SqlEventStore
+
     store = SqlEventStore(cfg.database_url)
     try:
         yield store
@@ -194,6 +199,8 @@ def db_upgrade(config: ConfigOption = None) -> None:
     """Create the event database, or migrate it to the newest schema."""
     cfg = load(config)
     with friendly_errors():
+        from gpusm.store.sql import upgrade
+
         revision = upgrade(cfg.database_url)
     console.print(
         f"event database {cfg.database_url}: schema revision {revision} (newest)", markup=False

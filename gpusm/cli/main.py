@@ -21,6 +21,9 @@ _COMMAND_MODULES = [
     "gpusm.cli.config_cmd",
     "gpusm.cli.events_cmd",
     "gpusm.cli.sim_cmd",
+    "gpusm.cli.serve_cmd",
+    "gpusm.cli.ops_cmd",
+    "gpusm.cli.demo_cmd",
 ]
 
 for _name in _COMMAND_MODULES:

@@ -22,6 +22,7 @@ __all__ = [
     "Evicted",
     "GaveUp",
     "HealthPassed",
+    "LeaseReleased",
     "NewEvent",
     "OrphanReaped",
     "PhaseEntered",
@@ -151,6 +152,11 @@ class PhaseEntered(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LeaseReleased(Event):
+    """A client gave up its current phase (coordinator stream)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Recovered(Event):
     """Recovery finished; data summarises what it corrected (coordinator stream)."""
 
@@ -173,6 +179,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         VramObserved,
         OrphanReaped,
         PhaseEntered,
+        LeaseReleased,
         Recovered,
     )
 }

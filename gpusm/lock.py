@@ -1,0 +1,46 @@
+"""One coordinator per state directory, enforced with an OS file lock."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from gpusm.errors import CoordinatorBusy
+
+__all__ = ["StateDirLock"]
+
+
+class StateDirLock:
+    """An exclusive ``flock`` on ``<state_dir>/coordinator.lock``; the file holds the owner's pid.
+
+    The kernel drops the lock when the owner dies, however it dies, so a crashed
+    coordinator never blocks its successor.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "coordinator.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise CoordinatorBusy naming the holder's pid."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CoordinatorBusy(
+                f"state directory {self.path.parent} is owned by coordinator pid {holder}; "
+                "stop it, talk to it through `gpusm serve`'s API, or use another state_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock; idempotent."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
