@@ -1,0 +1,75 @@
+"""Two clients with conflicting phases: the higher priority wins after a drain, the lower waits."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from coord_helpers import seed_config, write_config
+
+from gpusm.coordinator import Coordinator
+from gpusm.errors import InsufficientVram
+from gpusm.ports import EventQuery
+from gpusm.results import PhaseResult
+
+Open = Callable[..., Coordinator]
+
+
+def test_higher_priority_preempts_after_draining_and_the_lower_waits_then_runs(
+    tmp_path: Path, open_coordinator: Open
+) -> None:
+    coordinator = open_coordinator(write_config(tmp_path, seed_config(tmp_path, pipeline=[])))
+    # The low-priority client holds ollama (18 GiB, priority 10).
+    coordinator.enter_phase("chat", client="low")
+
+    high: list[PhaseResult] = []
+    high_thread = threading.Thread(
+        target=lambda: high.append(coordinator.enter_phase("video", client="high", timeout=30))
+    )
+    high_thread.start()
+    # The preemption waits for low's lease; low finishing its work releases it.
+    with coordinator.core.cond:
+        assert coordinator.core.cond.wait_for(
+            lambda: coordinator.core.slots["ollama"].state.value == "draining", timeout=20
+        )
+    coordinator.release("low")
+    high_thread.join(timeout=30)
+    assert high and high[0].started == ("comfyui",)
+    assert [(s.service, s.kind) for s in high[0].stopped] == [("ollama", "preempt")]
+
+    # Low comes back for chat while high still holds video: it must wait, not fail.
+    low: list[PhaseResult] = []
+    errors: list[BaseException] = []
+
+    def low_again() -> None:
+        try:
+            low.append(coordinator.enter_phase("chat", client="low", timeout=30))
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    low_thread = threading.Thread(target=low_again)
+    low_thread.start()
+    low_thread.join(timeout=1.0)
+    assert low_thread.is_alive(), "the lower-priority request must wait while video is in use"
+    assert coordinator.core.slots["comfyui"].state.value == "healthy"
+
+    coordinator.release("high")  # comfyui is now idle: low may evict it
+    low_thread.join(timeout=30)
+    assert errors == []
+    assert low and low[0].started == ("ollama",)
+    assert [(s.service, s.kind) for s in low[0].stopped] == [("comfyui", "evict")]
+    preempted = coordinator.events(EventQuery(stream="ollama", types=["Preempted"]))
+    assert "in use by low at priority 10 < 100" in preempted[0].data["reason"]
+
+
+def test_equal_priority_in_use_is_never_preempted(tmp_path: Path, open_coordinator: Open) -> None:
+    doc = seed_config(tmp_path, pipeline=[])
+    doc["services"]["ollama"]["priority"] = 100
+    coordinator = open_coordinator(write_config(tmp_path, doc))
+    coordinator.enter_phase("chat", client="a")
+    with pytest.raises(InsufficientVram, match="blocked by: ollama") as info:
+        coordinator.enter_phase("video", client="b", timeout=1.0)
+    assert info.value.blocked_by == ["ollama"]
+    assert coordinator.core.slots["ollama"].state.value == "healthy"
