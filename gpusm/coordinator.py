@@ -340,8 +340,11 @@ class Coordinator:
         self, needed: Sequence[str], client: str, phase: str, deadline: float
     ) -> list[StopNote]:
         core = self.core
+        # Keep what the pipeline's next GPU phase needs: it may be warming up already.
+        upcoming = _next_gpu_phase(core.config, phase)
+        spared = list(needed) + (list(core.config.phases[upcoming].services) if upcoming else [])
         with core.cond:
-            names = policy.release_plan(needed, core.views(), core.other_leases(client))
+            names = policy.release_plan(spared, core.views(), core.other_leases(client))
         reason = f"phase {phase} releases the GPU (client {client})"
         return self._stop_and_wait(names, reason, client, deadline, "release")
 

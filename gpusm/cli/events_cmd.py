@@ -8,7 +8,7 @@ Each opens the event store named by the config (``database``, default
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
@@ -136,7 +136,7 @@ def events(
             move = event.to_state
             if event.from_state not in (None, event.to_state):
                 move = f"{event.from_state} -> {event.to_state}"
-        data = json.dumps(dict(event.data), separators=(",", ":")) if event.data else ""
+        data = _brief(event.data)
         # Text(): logged strings are data, never Rich markup.
         table.add_row(
             str(event.seq),
@@ -212,3 +212,14 @@ def register(app: typer.Typer) -> None:
     app.command("events")(events)
     app.command("history")(history)
     app.add_typer(db_app, name="db")
+
+
+def _brief(data: Mapping[str, Any]) -> str:
+    """The data column: the reason first, then the other non-empty values as key=value."""
+    parts = [str(data["reason"])] if data.get("reason") else []
+    parts += [
+        f"{key}={json.dumps(value, separators=(',', ':'))}"
+        for key, value in data.items()
+        if key != "reason" and value not in (None, "", [], {})
+    ]
+    return "; ".join(parts)

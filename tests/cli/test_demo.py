@@ -1,0 +1,40 @@
+"""The demo runs the plan's pipeline on a simulated GPU and leaves an auditable database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from gpusm.cli.main import app
+from gpusm.demo import run_demo
+
+
+def test_demo_runs_one_item_without_oom_and_keeps_the_log(tmp_path: Path) -> None:
+    summary = run_demo(tmp_path / "demo", items=1, work_s=0.0)
+    assert summary.ooms == 0
+    assert 0 < summary.peak_used_mib <= summary.total_mib == 24576
+    assert set(summary.phase_seconds) == {"crawl", "analysis", "tts", "video", "render"}
+    assert summary.starts >= 3
+    assert summary.evictions + summary.releases >= 2
+    events = subprocess.run(
+        [sys.executable, "-m", "gpusm", "events", "--json", "-c", str(summary.config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    types = [json.loads(line)["type"] for line in events]
+    assert "HealthPassed" in types
+    assert "Stopped" in types
+
+
+def test_demo_command_prints_a_summary(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["demo", "--items", "1", "--work-s", "0", "--dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "OOMs: 0" in result.output
+    assert "peak VRAM" in result.output
