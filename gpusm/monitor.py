@@ -32,6 +32,8 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpusm-monitor", daemon=True)
         self._last_probe: dict[str, float] = {}
+        # The start generation each scheduled restart was for; a start since makes it moot.
+        self._restart_for: dict[str, int] = {}
 
     def start(self) -> None:
         """Start the background thread."""
@@ -121,12 +123,19 @@ class Monitor:
         attempt = max(1, sum(1 for t in slot.start_times if now - t < restart.window_s))
         delay = policy.restart_delay(attempt, restart.backoff_initial_s, restart.backoff_max_s)
         slot.restart_at = now + delay
+        self._restart_for[slot.name] = slot.generation
 
     def _restart_due(self) -> None:
         core = self.core
         now = core.clock.monotonic()
         with core.cond:
             for slot in core.slots.values():
+                if slot.restart_at is not None and (
+                    self._restart_for.get(slot.name) != slot.generation
+                ):
+                    # Started by someone else since the crash: whatever stopped it since
+                    # (an eviction, an operator) was meant, so the restart is void.
+                    slot.restart_at = None
                 due = slot.restart_at is not None and slot.restart_at <= now
                 if not due or slot.state is not State.STOPPED or slot.busy:
                     continue
@@ -140,7 +149,18 @@ class Monitor:
                     continue
                 reason = f"restart after crash ({slot.last_error})"
                 begin_start(core, slot, {"reason": reason, "by": "monitor"})
-                in_background(f"restart-{slot.name}", partial(run_start, core, slot))
+                in_background(f"restart-{slot.name}", partial(self._restart, slot))
+
+    def _restart(self, slot: Slot) -> None:
+        try:
+            run_start(self.core, slot)
+        except GpusmError:
+            with self.core.cond:
+                # STARTING -> STOPPED by a failed restart: back off again, or give up once
+                # the budget is spent, as after a crash.
+                if slot.state is State.STOPPED and not slot.busy:
+                    self._schedule_restart(slot)
+            raise
 
     # ---------------------------------------------------------------- VRAM and TTL
     def _observe_vram(self) -> None:

@@ -43,7 +43,10 @@ def _runtimes(config: Config) -> dict[str, Runtime]:
         env["GPUSM_SIM_DIR"] = str(config.sim_dir)
 
     def ours(environ: Mapping[str, str]) -> bool:
-        return environ.get(DEPLOYMENT_ENV) == deployment
+        # Processes inside our containers carry the same markers; Docker owns those.
+        return (
+            environ.get(DEPLOYMENT_ENV) == deployment and environ.get("GPUSM_RUNTIME") != "docker"
+        )
 
     from gpusm.runtimes.native import NativeRuntime
 

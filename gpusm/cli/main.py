@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import typer
 
@@ -38,4 +40,8 @@ for _name in _COMMAND_MODULES:
 
 def main() -> None:
     """Console-script entry point."""
+    # Piped output is read by people too (CI logs, `| less`): give it more than Rich's
+    # 80 columns; an explicit $COLUMNS still wins.
+    if not sys.stdout.isatty():
+        os.environ.setdefault("COLUMNS", "160")
     app()

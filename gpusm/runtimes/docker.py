@@ -30,10 +30,11 @@ from gpusm.config import ServiceConfig
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed, ServiceStopFailed
 from gpusm.ports import Clock, Handle, StopResult
 
-__all__ = ["LABEL_INSTANCE", "LABEL_SERVICE", "DockerRuntime", "container_name"]
+__all__ = ["LABEL_INSTANCE", "LABEL_SERVICE", "RUNTIME_ENV", "DockerRuntime", "container_name"]
 
 LABEL_SERVICE = "gpusm.service"
 LABEL_INSTANCE = "gpusm.instance"
+RUNTIME_ENV = "GPUSM_RUNTIME"
 # How long a container may take to vanish after SIGKILL before the stop counts as failed.
 _KILL_WAIT_S = 10.0
 _DEFAULT_HOST = "unix:///var/run/docker.sock"
@@ -273,6 +274,9 @@ class DockerRuntime:
             **service.env,
             "GPUSM_SERVICE": service.name,
             "GPUSM_INSTANCE": instance,
+            # A container's processes are host processes too; this tells the native
+            # runtime's orphan scan that Docker owns them.
+            RUNTIME_ENV: "docker",
         }
         kwargs: dict[str, Any] = {
             "name": container_name(service.name, instance),

@@ -36,7 +36,8 @@ def test_higher_priority_preempts_after_draining_and_the_lower_waits_then_runs(
         )
     coordinator.release("low")
     high_thread.join(timeout=30)
-    assert high and high[0].started == ("comfyui",)
+    assert high
+    assert high[0].started == ("comfyui",)
     assert [(s.service, s.kind) for s in high[0].stopped] == [("ollama", "preempt")]
 
     # Low comes back for chat while high still holds video: it must wait, not fail.
@@ -58,7 +59,8 @@ def test_higher_priority_preempts_after_draining_and_the_lower_waits_then_runs(
     coordinator.release("high")  # comfyui is now idle: low may evict it
     low_thread.join(timeout=30)
     assert errors == []
-    assert low and low[0].started == ("ollama",)
+    assert low
+    assert low[0].started == ("ollama",)
     assert [(s.service, s.kind) for s in low[0].stopped] == [("comfyui", "evict")]
     preempted = coordinator.events(EventQuery(stream="ollama", types=["Preempted"]))
     assert "in use by low at priority 10 < 100" in preempted[0].data["reason"]

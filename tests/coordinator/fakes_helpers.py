@@ -1,0 +1,276 @@
+"""A coordinator over fakes: in-memory store, GPU, runtime and health, on a manual clock.
+
+Nothing here launches a process or opens a socket, so coordinator behaviour can be
+driven step by step: tests call :meth:`World.tick` instead of starting the monitor's
+thread, and move the :class:`~gpusm.clock.ManualClock` by hand.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpusm.clock import ManualClock
+from gpusm.config import Config, HealthConfig, ServiceConfig, parse_config
+from gpusm.coordinator import Coordinator
+from gpusm.core import Core, Slot
+from gpusm.domain.machine import ServiceMachine
+from gpusm.domain.states import State
+from gpusm.gpu.memory import MemoryGpu, MemoryProbe
+from gpusm.lifecycle import join_background
+from gpusm.monitor import Monitor
+from gpusm.ports import EventQuery, Handle, HealthResult
+from gpusm.reconcile import recover
+from gpusm.runtimes.memory import MemoryRuntime
+from gpusm.store.memory import MemoryEventStore
+
+__all__ = ["MemoryHealth", "World", "fake_config", "fake_service", "open_world"]
+
+_BASE_PORT = 19000
+
+
+class MemoryHealth:
+    """A :class:`gpusm.ports.HealthCheck` for fake services: ok while their process lives.
+
+    A probe is matched to its service by the health URL. Knobs:
+
+    - ``failing``: service -> reason; its probes fail with that reason while it is set.
+    - ``ready_after``: service -> how many probes each new instance fails (still
+      loading) before it answers ok.
+    - ``probes``: how many probes each service got.
+
+    ``failing`` and ``ready_after`` may be passed in, so that a coordinator recovered on
+    the same fake machine sees the same services misbehave.
+    """
+
+    def __init__(
+        self,
+        runtime: MemoryRuntime,
+        services: Mapping[str, ServiceConfig],
+        clock: ManualClock,
+        failing: dict[str, str] | None = None,
+        ready_after: dict[str, int] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.clock = clock
+        self._by_url = {_key(s.health): name for name, s in services.items()}
+        self.failing: dict[str, str] = {} if failing is None else failing
+        self.ready_after: dict[str, int] = {} if ready_after is None else ready_after
+        self.probes: Counter[str] = Counter()
+        self._per_instance: Counter[str] = Counter()
+
+    def probe(self, health: HealthConfig) -> HealthResult:
+        """One probe: ok when the service has a live instance that is loaded and not failing."""
+        name = self._by_url.get(_key(health))
+        if name is None:
+            return HealthResult(False, f"no fake service answers at {_key(health)}")
+        self.probes[name] += 1
+        live = [h for h in self.runtime.live() if h.service == name]
+        if not live:
+            return HealthResult(False, f"connection refused to {name}")
+        instance = live[-1].instance
+        self._per_instance[instance] += 1
+        if self._per_instance[instance] <= self.ready_after.get(name, 0):
+            return HealthResult(False, f"{name} is still loading")
+        if name in self.failing:
+            return HealthResult(False, self.failing[name])
+        return HealthResult(True)
+
+    def wait_healthy(
+        self,
+        health: HealthConfig,
+        deadline_s: float,
+        still_alive: Callable[[], bool] = lambda: True,
+        started_at: float | None = None,
+    ) -> HealthResult:
+        """Probe every ``interval_s`` (0.1 s by default) of clock time until ok or the deadline."""
+        probes = 0
+        last = "no probe made"
+        while True:
+            if not still_alive():
+                return HealthResult(False, f"process exited before becoming healthy ({last})")
+            if self.clock.monotonic() >= deadline_s:
+                return HealthResult(False, f"not healthy in time: {last}", probes)
+            result = self.probe(health)
+            probes += 1
+            if result.ok:
+                return HealthResult(True, probes=probes)
+            last = result.reason
+            self.clock.sleep(health.interval_s or 0.1)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _key(health: HealthConfig) -> str:
+    return health.http or health.tcp or " ".join(health.exec or [])
+
+
+def fake_service(vram_mib: int, priority: int = 0, **extra: Any) -> dict[str, Any]:
+    """A native service entry for :func:`fake_config` (its health URL is filled in there)."""
+    return {"command": ["fake-server"], "vram_mib": vram_mib, "priority": priority, **extra}
+
+
+def fake_config(
+    tmp_path: Path,
+    services: Mapping[str, Mapping[str, Any]],
+    *,
+    total_mib: int = 16384,
+    phases: Mapping[str, Any] | None = None,
+    reserve_mib: int = 0,
+) -> Config:
+    """A validated config on a simulated GPU; each service gets its own health URL.
+
+    Without ``phases``, each service gets a phase ``p<name>`` needing just it.
+    """
+    entries = {}
+    for i, (name, entry) in enumerate(services.items()):
+        health = {"http": f"http://127.0.0.1:{_BASE_PORT + i}/health", "timeout_s": 10}
+        health.update(entry.get("health", {}))
+        entries[name] = {"stop_timeout_s": 2, "drain_timeout_s": 2, **entry, "health": health}
+    raw = {
+        "state_dir": str(tmp_path / "state"),
+        "gpu": {
+            "backend": "sim",
+            "reserve_mib": reserve_mib,
+            "settle_timeout_s": 5,
+            "sim": {"total_mib": total_mib},
+        },
+        "services": entries,
+        "phases": dict(phases) if phases is not None else {f"p{n}": [n] for n in services},
+    }
+    return parse_config(raw, base=tmp_path)
+
+
+@dataclass
+class World:
+    """One coordinator over fakes; ``reopen`` plays a restart after a crash."""
+
+    config: Config
+    clock: ManualClock
+    store: MemoryEventStore
+    gpu: MemoryGpu
+    runtime: MemoryRuntime
+    health: MemoryHealth
+    core: Core
+    coordinator: Coordinator
+    monitor: Monitor
+    recovery: dict[str, Any] = field(default_factory=dict)
+    sizes: Mapping[str, int] | None = None
+
+    def settle(self, timeout_s: float = 10.0) -> None:
+        """Wait (real time, bounded) until every background start and stop has finished."""
+        join_background(timeout_s)
+        busy = [s.name for s in self.core.slots.values() if s.busy]
+        assert not busy, f"still busy after {timeout_s}s: {busy}"
+
+    def tick(self) -> None:
+        """One monitor pass, then wait for what it started in the background."""
+        self.monitor.tick()
+        self.settle()
+
+    def slot(self, name: str) -> Slot:
+        """The coordinator's slot of ``name``."""
+        return self.core.slots[name]
+
+    def state(self, name: str) -> State:
+        """The state of ``name`` now."""
+        return self.core.slots[name].state
+
+    def handle(self, name: str) -> Handle:
+        """The handle of ``name``'s running instance (it must have one)."""
+        handle = self.core.slots[name].handle
+        assert handle is not None, f"{name} has no handle"
+        return handle
+
+    def types(self, stream: str, after_seq: int = 0) -> list[str]:
+        """Event types of ``stream`` after ``after_seq``, oldest first."""
+        return [e.type for e in self.store.read(EventQuery(stream=stream, after_seq=after_seq))]
+
+    def last_seq(self) -> int:
+        """The newest ``seq`` in the log (0 when empty)."""
+        newest = self.store.read(EventQuery(newest_first=True, limit=1))
+        return newest[0].seq if newest else 0
+
+    def last(self, stream: str, type_: str) -> dict[str, Any]:
+        """The data of ``stream``'s newest ``type_`` event."""
+        found = self.store.read(EventQuery(stream=stream, types=[type_], newest_first=True))
+        assert found, f"no {type_} on {stream}"
+        return dict(found[0].data)
+
+    def reopen(self, config: Config | None = None) -> World:
+        """Drop this coordinator unclosed (a crash) and recover a new one on the same world.
+
+        Background work is joined first, but a slot a test left busy stays as it is: that
+        is the interrupted step the new coordinator must resolve.
+        """
+        join_background(10.0)
+        return open_world(
+            config or self.config,
+            clock=self.clock,
+            store=self.store,
+            gpu=self.gpu,
+            runtime=self.runtime.reopen(),
+            sizes=self.sizes,
+            health_of=self.health,
+        )
+
+
+def open_world(
+    config: Config,
+    *,
+    clock: ManualClock | None = None,
+    store: MemoryEventStore | None = None,
+    gpu: MemoryGpu | None = None,
+    runtime: MemoryRuntime | None = None,
+    sizes: Mapping[str, int] | None = None,
+    health_of: MemoryHealth | None = None,
+) -> World:
+    """Build a core over fakes like ``gpusm.wiring.build_core`` does, and recover it.
+
+    ``health_of``: an earlier world's health check whose ``failing`` and ``ready_after``
+    the new one shares (the services misbehave, not the coordinator that asks them).
+    """
+    clock = clock or ManualClock()
+    store = store or MemoryEventStore()
+    gpu = gpu or MemoryGpu(config.gpu.sim.total_mib, clock=clock)
+    runtime = runtime or MemoryRuntime(clock)
+    gpu.attach(runtime, sizes)
+    health = MemoryHealth(
+        runtime,
+        config.services,
+        clock,
+        failing=health_of.failing if health_of else None,
+        ready_after=health_of.ready_after if health_of else None,
+    )
+    core = Core(
+        config,
+        store=store,
+        probe=MemoryProbe(gpu),
+        runtimes={"native": runtime},
+        health=health,
+        clock=clock,
+    )
+    for name, svc in config.services.items():
+        core.slots[name] = Slot(config=svc, machine=ServiceMachine(name))
+    recovery = recover(core)
+    coordinator = Coordinator(core)
+    coordinator.recovered = True
+    world = World(
+        config,
+        clock,
+        store,
+        gpu,
+        runtime,
+        health,
+        core,
+        coordinator,
+        Monitor(core),
+        recovery,
+        sizes,
+    )
+    world.settle()
+    return world
