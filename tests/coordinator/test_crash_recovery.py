@@ -79,3 +79,4 @@ def test_random_kill_9_while_a_worker_switches_phases(
         assert_consistent(coordinator, sim_of(config))
         coordinator.close()
     assert kills >= 20
+    open_coordinator(config)  # its teardown stops what the last driver left running
