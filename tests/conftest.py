@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,21 @@ def docker_engine() -> None:
             f"{why}; to run Docker tests: apt-get install docker.io busybox-static, "
             "start dockerd --bridge=none --iptables=false, run scripts/build_test_image.sh"
         )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_leaked_children() -> Iterator[None]:
+    """Fail the run if a test left one of its child processes running."""
+    import psutil
+
+    yield
+    me = psutil.Process()
+    leaked = [p for p in me.children(recursive=True) if p.is_running()]
+    descriptions = []
+    for proc in leaked:
+        try:
+            descriptions.append(f"{proc.pid}: {' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    assert not descriptions, "tests left processes running:\n" + "\n".join(descriptions)
