@@ -1,0 +1,32 @@
+"""The HTTP API of ``gpusm serve``: FastAPI app, schemas, security, problems and metrics.
+
+Only :mod:`gpusm.api.problems` is imported eagerly by :mod:`gpusm.client`; the names
+below load FastAPI on first use, so a worker that only needs the client stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpusm.api.app import create_app, state_of
+    from gpusm.api.server import Listen, bind, make_server, parse_listen
+
+__all__ = ["Listen", "bind", "create_app", "make_server", "parse_listen", "state_of"]
+
+_HOMES = {
+    "create_app": "gpusm.api.app",
+    "state_of": "gpusm.api.app",
+    "Listen": "gpusm.api.server",
+    "bind": "gpusm.api.server",
+    "make_server": "gpusm.api.server",
+    "parse_listen": "gpusm.api.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'gpusm.api' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

@@ -1,0 +1,310 @@
+"""The HTTP endpoints: thin, blocking (run in the threadpool), one coordinator verb each.
+
+Every POST needs the bearer token. Names in paths and bodies are looked up in the
+config; an unknown one is a 404 problem. Errors leave as problem details
+(:mod:`gpusm.api.problems`).
+"""
+
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Security
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from gpusm import __version__
+from gpusm.api.problems import HttpProblem
+from gpusm.api.schemas import (
+    ActionRequest,
+    EnsureRequest,
+    EventPage,
+    HealthModel,
+    PhaseRequest,
+    PhaseResultModel,
+    PlanModel,
+    Problem,
+    ReleaseAllResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    ServiceStatusModel,
+    StartRequest,
+    StatusModel,
+    StopNoteModel,
+)
+from gpusm.api.security import bearer_matches
+from gpusm.api.state import ApiState
+from gpusm.coordinator import Coordinator
+from gpusm.domain.events import RecordedEvent
+from gpusm.ports import EventQuery
+
+__all__ = ["build_router", "problem_responses"]
+
+_DESCRIPTIONS = {
+    400: "The body could not be parsed",
+    401: "Missing or wrong bearer token",
+    404: "Unknown phase or service",
+    409: "Refused: insufficient VRAM, illegal transition or conflict",
+    421: "Host header is not local",
+    422: "Invalid request",
+    500: "Internal error",
+    502: "The service failed to start or stop",
+    503: "Recovering, shutting down, or the GPU cannot be read",
+    504: "Timed out",
+}
+_ALWAYS = (421, 422, 500, 503)
+_WRITE = (*_ALWAYS, 400, 401, 409)
+_TIME: dict[str, Any] = {"format": "date-time"}
+_MAX_SEQ = 2**62
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for problem responses with these status codes."""
+    return {c: {"model": Problem, "description": _DESCRIPTIONS[c]} for c in sorted(set(codes))}
+
+
+def _utc(value: str | None, name: str) -> datetime | None:
+    """An RFC 3339 / ISO 8601 time as UTC; 422 for anything else (never a timestamp)."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().upper())
+        # A time without a zone is UTC, like every time gpusm records.
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError) as exc:
+        raise HttpProblem(
+            422,
+            "invalid-request",
+            f"{name}: {value!r} is not an ISO 8601 time in range, e.g. 2026-01-31T12:00Z ({exc})",
+        ) from exc
+
+
+def _once(*names: str) -> Any:
+    """A dependency that refuses a repeated single-valued query parameter (422)."""
+
+    async def check(request: Request) -> None:
+        for name in names:
+            if len(request.query_params.getlist(name)) > 1:
+                raise HttpProblem(422, "invalid-request", f"{name}: give it at most once")
+
+    return Depends(check)
+
+
+def _event(event: RecordedEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "stream": event.stream,
+        "version": event.version,
+        "type": event.type,
+        "at": event.at,
+        "from_state": event.from_state,
+        "to_state": event.to_state,
+        "data": dict(event.data),
+    }
+
+
+def _service(coordinator: Coordinator, name: str) -> dict[str, Any]:
+    for svc in coordinator.status().services:
+        if svc.name == name:
+            return asdict(svc)
+    raise AssertionError(f"service {name} vanished from status")  # pragma: no cover
+
+
+def build_router(state: ApiState) -> APIRouter:
+    """The API's routes, bound to ``state``."""
+    router = APIRouter()
+    bearer = HTTPBearer(
+        auto_error=False, description="The token from $GPUSM_TOKEN or the api-token file"
+    )
+
+    async def authorized(
+        request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+    ) -> None:
+        if not bearer_matches(request.headers.get("authorization"), state.token):
+            raise HttpProblem(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token; send Authorization: Bearer <token> "
+                "with the token from $GPUSM_TOKEN or the daemon's api-token file",
+                headers={"WWW-Authenticate": 'Bearer realm="gpusm"'},
+            )
+
+    async def coordinator() -> Coordinator:
+        found = state.coordinator
+        if found is None:
+            raise state.unavailable()
+        return found
+
+    Coord = Annotated[Coordinator, Depends(coordinator)]
+    Name = Annotated[str, Path(min_length=1, max_length=200)]
+    write: dict[str, Any] = {"dependencies": [Depends(authorized)]}
+
+    @router.get("/healthz", response_model=HealthModel, tags=["daemon"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness; answers even while recovering (``status``: recovering)."""
+        error = None if state.error is None else str(state.error)
+        recovered = state.coordinator is not None
+        return {
+            "status": state.phase,
+            "recovered": recovered,
+            "version": __version__,
+            "error": error,
+        }
+
+    @router.get("/gpu/status", response_model=StatusModel, responses=problem_responses(*_ALWAYS))
+    async def status(coord: Coord) -> Response:
+        """Devices, services (state, pid, VRAM, leases, time in state) and leases now."""
+        return Response(await state.status_json(coord), media_type="application/json")
+
+    @router.post(
+        "/gpu/phase",
+        response_model=PhaseResultModel,
+        responses=problem_responses(*_WRITE, 404, 502, 504),
+        **write,
+    )
+    def phase(body: PhaseRequest, coord: Coord) -> dict[str, Any]:
+        """Enter a phase: block until exactly its services are healthy for ``client``."""
+        result = coord.enter_phase(body.phase, body.client, body.timeout, body.priority)
+        state.metrics.observe_phase(result)
+        return result.as_dict()
+
+    @router.post(
+        "/gpu/services/{name}/ensure",
+        response_model=PhaseResultModel,
+        responses=problem_responses(*_WRITE, 404, 502, 504),
+        **write,
+    )
+    def ensure(
+        name: Name, coord: Coord, body: Annotated[EnsureRequest | None, Body()] = None
+    ) -> dict[str, Any]:
+        """Make one service healthy for ``client``; its lease becomes just that service."""
+        body = body or EnsureRequest()
+        result = coord.ensure_service(name, body.client, body.timeout)
+        state.metrics.observe_phase(result)
+        return result.as_dict()
+
+    @router.post(
+        "/gpu/services/{name}/start",
+        response_model=ServiceStatusModel,
+        responses=problem_responses(*_WRITE, 404, 502, 504),
+        **write,
+    )
+    def start(
+        name: Name, coord: Coord, body: Annotated[StartRequest | None, Body()] = None
+    ) -> dict[str, Any]:
+        """Start one service without a lease; block until healthy; return its status."""
+        body = body or StartRequest()
+        coord.start_service(name, body.by, body.timeout)
+        return _service(coord, name)
+
+    @router.post(
+        "/gpu/services/{name}/stop",
+        response_model=StopNoteModel,
+        responses=problem_responses(*_WRITE, 404, 502, 504),
+        **write,
+    )
+    def stop(
+        name: Name, coord: Coord, body: Annotated[ActionRequest | None, Body()] = None
+    ) -> dict[str, Any]:
+        """Stop one service and wait until its VRAM is back."""
+        return asdict(coord.stop_service(name, (body or ActionRequest()).by))
+
+    @router.post(
+        "/gpu/services/{name}/reset",
+        response_model=ServiceStatusModel,
+        responses=problem_responses(*_WRITE, 404),
+        **write,
+    )
+    def reset(
+        name: Name, coord: Coord, body: Annotated[ActionRequest | None, Body()] = None
+    ) -> dict[str, Any]:
+        """Clear a service that gave up (``failed``) so it may start again."""
+        coord.reset_service(name, (body or ActionRequest()).by)
+        return _service(coord, name)
+
+    @router.post(
+        "/gpu/release",
+        response_model=ReleaseResponse,
+        responses=problem_responses(*_WRITE),
+        **write,
+    )
+    def release(body: ReleaseRequest, coord: Coord) -> dict[str, Any]:
+        """Drop a client's lease; its services stay warm until their room is needed."""
+        coord.release(body.client)
+        return {"client": body.client}
+
+    @router.post(
+        "/gpu/release-all",
+        response_model=ReleaseAllResponse,
+        responses=problem_responses(*_WRITE, 502, 504),
+        **write,
+    )
+    def release_all(
+        coord: Coord, body: Annotated[ActionRequest | None, Body()] = None
+    ) -> dict[str, Any]:
+        """Drop every lease and stop every running service."""
+        notes = coord.release_all((body or ActionRequest()).by)
+        return {"stopped": [asdict(n) for n in notes]}
+
+    @router.get(
+        "/gpu/plan/{phase}",
+        response_model=PlanModel,
+        responses=problem_responses(*_ALWAYS, 404),
+        dependencies=[_once("client", "priority")],
+    )
+    def plan(
+        phase: Name,
+        coord: Coord,
+        client: Annotated[str, Query(max_length=128)] = "default",
+        priority: Annotated[int | None, Query(ge=-(10**9), le=10**9)] = None,
+    ) -> dict[str, Any]:
+        """Dry run: what entering ``phase`` would stop and start, or why it cannot fit."""
+        return asdict(coord.plan_phase(phase, client, priority))
+
+    @router.get(
+        "/gpu/events",
+        response_model=EventPage,
+        responses=problem_responses(*_ALWAYS),
+        dependencies=[_once("service", "since", "until", "limit", "after_seq")],
+    )
+    def events(
+        coord: Coord,
+        service: Annotated[str | None, Query(max_length=200)] = None,
+        type: Annotated[list[str] | None, Query(max_length=50)] = None,
+        since: Annotated[str | None, Query(max_length=64, json_schema_extra=_TIME)] = None,
+        until: Annotated[str | None, Query(max_length=64, json_schema_extra=_TIME)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after_seq: Annotated[int, Query(ge=0, le=_MAX_SEQ)] = 0,
+    ) -> dict[str, Any]:
+        """Events oldest first after ``after_seq``; ``next_after_seq`` pages on (null: no more)."""
+        query = EventQuery(
+            stream=service,
+            types=type,
+            since=_utc(since, "since"),
+            until=_utc(until, "until"),
+            after_seq=after_seq,
+            limit=limit,
+        )
+        found = coord.events(query)
+        return {
+            "events": [_event(e) for e in found],
+            "next_after_seq": found[-1].seq if len(found) == limit else None,
+        }
+
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            **problem_responses(*_ALWAYS),
+        },
+        tags=["daemon"],
+    )
+    def metrics(_: Coord) -> Response:
+        """Prometheus text exposition (gauges now; counters over the whole event log)."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+    return router

@@ -1,0 +1,140 @@
+"""What one API app holds: the config, the token, and the coordinator once it has recovered.
+
+Recovery (``Coordinator.from_config``: lock, replay, observe, reconcile) runs in a
+background thread started by the app's lifespan, so the port is answering (503 with
+``Retry-After``) while it runs. If it fails, :attr:`ApiState.error` says why and
+``on_fatal`` is called (``gpusm serve`` then shuts the server down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+
+import anyio.to_thread
+
+from gpusm.api.metrics import Metrics
+from gpusm.api.problems import HttpProblem
+from gpusm.config import Config
+from gpusm.coordinator import Coordinator
+from gpusm.errors import GpusmError
+
+__all__ = ["ApiState", "CoordinatorFactory"]
+
+CoordinatorFactory = Callable[[Config], Coordinator]
+_log = logging.getLogger("gpusm.api")
+
+
+def _status_json(coordinator: Coordinator) -> bytes:
+    return json.dumps(coordinator.status().as_dict(), separators=(",", ":")).encode()
+
+
+def _default_factory(config: Config) -> Coordinator:
+    return Coordinator.from_config(config)
+
+
+class ApiState:
+    """The app's shared state; :attr:`coordinator` is None until recovery has finished."""
+
+    def __init__(
+        self,
+        config: Config,
+        token: str,
+        *,
+        factory: CoordinatorFactory | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+        stop_services_on_exit: bool = False,
+    ) -> None:
+        self.config = config
+        self.token = token
+        self.coordinator: Coordinator | None = None
+        self.error: BaseException | None = None
+        self.metrics = Metrics(lambda: self.coordinator)
+        self._factory = factory or _default_factory
+        self._on_fatal = on_fatal
+        self._stop_services = stop_services_on_exit
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._status_task: asyncio.Future[bytes] | None = None
+
+    @property
+    def phase(self) -> str:
+        """``ok``, ``recovering``, ``failed`` or ``stopping``."""
+        if self.coordinator is not None:
+            return "ok"
+        if self._closing:
+            return "stopping"
+        return "failed" if self.error is not None else "recovering"
+
+    async def status_json(self, coordinator: Coordinator) -> bytes:
+        """``coordinator.status()`` as JSON, computed once for all concurrent readers.
+
+        A reader that arrives while a status is being computed (in a worker thread)
+        awaits that one instead of queueing for the coordinator's lock behind every
+        other reader: a hundred readers cost one computation and one serialisation,
+        and no answer is older than the computation it shares.
+        """
+        task = self._status_task
+        if task is None:
+            task = asyncio.ensure_future(anyio.to_thread.run_sync(_status_json, coordinator))
+            self._status_task = task
+            task.add_done_callback(self._status_done)
+        # shield: a reader that hangs up must not cancel the others' answer.
+        return await asyncio.shield(task)
+
+    def _status_done(self, task: asyncio.Future[bytes]) -> None:
+        if self._status_task is task:
+            self._status_task = None
+
+    def unavailable(self) -> HttpProblem:
+        """The 503 problem to answer while there is no coordinator to serve."""
+        if self._closing:
+            return HttpProblem(
+                503, "stopping", "the gpusm daemon is shutting down", {"Retry-After": "1"}
+            )
+        if self.error is not None:
+            return HttpProblem(
+                503, "recovery-failed", f"recovery failed: {self.error}; the daemon is stopping"
+            )
+        return HttpProblem(
+            503,
+            "recovering",
+            "the gpusm daemon is recovering (replay, observe, reconcile); retry shortly",
+            {"Retry-After": "1"},
+        )
+
+    def start_recovery(self) -> None:
+        """Open the coordinator in a background thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._recover, name="gpusm-recovery", daemon=True
+            )
+            self._thread.start()
+
+    def _recover(self) -> None:
+        try:
+            coordinator = self._factory(self.config)
+        except BaseException as exc:
+            self.error = exc
+            if not isinstance(exc, GpusmError):
+                _log.exception("recovery failed")
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
+            return
+        self.coordinator = coordinator
+
+    def close(self) -> None:
+        """Wait for recovery, then close the coordinator (services keep running unless asked)."""
+        if self._thread is not None:
+            # Recovery cannot be interrupted halfway; its coordinator is closed below.
+            self._thread.join()
+        self._closing = True
+        coordinator, self.coordinator = self.coordinator, None
+        if coordinator is not None:
+            # Closing is best effort: the log already holds everything that happened.
+            with contextlib.suppress(GpusmError):
+                coordinator.close(stop_services=self._stop_services)
