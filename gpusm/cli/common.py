@@ -31,10 +31,8 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # the operation failed (insufficient VRAM, timeout, runtime error…)
 EXIT_CONFIG = 2  # bad config, bad arguments or unknown names: fix the input
 
-# Piped output is read by people too (CI logs, `| less`): give it room rather than 80 columns.
-_WIDTH = None if sys.stdout.isatty() else 160
-console = Console(highlight=False, width=_WIDTH)
-err_console = Console(stderr=True, highlight=False, width=_WIDTH)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
 
 ConfigOption = Annotated[
     Path | None,
