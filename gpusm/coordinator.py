@@ -463,15 +463,8 @@ class Coordinator:
         """Devices, services and leases now."""
         core = self.core
         with core.cond:
-            devices = tuple(_device_status(core, d) for d in core.devices())
             usage: dict[str, int] = {}
-            for device in core.devices():
-                try:
-                    snap = core.snapshot(device)
-                except GpusmError:
-                    continue
-                for pid, owner in core.our_pids(device).items():
-                    usage[owner] = usage.get(owner, 0) + snap.processes.get(pid, 0)
+            devices = tuple(_device_status(core, d, usage) for d in core.devices())
             now = core.clock.monotonic()
             services = tuple(
                 ServiceStatus(
@@ -497,11 +490,14 @@ class Coordinator:
         return Status(self.recovered, devices, services, leases)
 
 
-def _device_status(core: Core, device: int) -> DeviceStatus:
+def _device_status(core: Core, device: int, usage: dict[str, int]) -> DeviceStatus:
+    """One device's numbers; adds each of our services' use of it to ``usage``."""
     try:
-        gpu, snap, _ = core.gpu_view(device)
+        gpu, snap, owners = core.gpu_view(device)
     except GpusmError as exc:
         return DeviceStatus(device, "unreadable", 0, 0, 0, 0, 0, error=str(exc))
+    for pid, owner in owners.items():
+        usage[owner] = usage.get(owner, 0) + snap.processes.get(pid, 0)
     return DeviceStatus(
         index=device,
         name=snap.name,

@@ -13,6 +13,8 @@ Every SQLAlchemy or SQLite error leaves this module as a :class:`~gpusm.errors.S
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,6 +242,27 @@ class SqlEventStore:
             raise StoreError(f"cannot {doing} event store at {self.path}: {_reason(exc)}") from exc
 
 
+def _switch_to_wal(cursor: Any, busy_timeout_ms: int) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while another process is converting the file.
+
+    SQLite answers "database is locked" at once, without calling the busy handler, when
+    two connections race to change the journal mode of a new file.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 def _make_engine(url: str, synchronous: str, busy_timeout_ms: int) -> Engine:
     engine = create_engine(url)
 
@@ -251,7 +274,7 @@ def _make_engine(url: str, synchronous: str, busy_timeout_ms: int) -> Engine:
         try:
             # busy_timeout first: switching to WAL may itself wait for another process.
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _switch_to_wal(cursor, busy_timeout_ms)
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
         finally:
             cursor.close()

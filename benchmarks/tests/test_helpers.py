@@ -1,0 +1,94 @@
+"""Checks of the benchmark helpers themselves (not timings): `pytest benchmarks/tests`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from benchmarks.common import ProcessGuard, Row, percentile
+from benchmarks.loggen import generate_log
+from benchmarks.pipeline import lower_bound
+from benchmarks.recovery import dict_fold
+from benchmarks.report import README_END, README_START, markdown_table, update_readme
+from gpusm.domain.machine import ServiceMachine
+from gpusm.ports import EventQuery
+from gpusm.store.sql import SqlEventStore
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 99) == 5
+    assert percentile([0, 10], 95) == pytest.approx(9.5)
+
+
+def test_generated_log_opens_without_migration_and_folds_legally(tmp_path: Path) -> None:
+    db = tmp_path / "gpusm.db"
+    versions = generate_log(db, 2_000, ["svc0", "svc1"], [1024, 2048])
+    store = SqlEventStore(f"sqlite:///{db}", upgrade=False)
+    try:
+        events = store.read()
+        heads = store.heads()
+        peak = store.read(EventQuery(stream="svc1", types=["VramObserved"]))
+    finally:
+        store.close()
+    assert len(events) == 2_000
+    assert [e.seq for e in events] == list(range(1, 2_001))
+    assert {s: h.version for s, h in heads.items()} == versions
+    assert [p.data["peak_mib"] for p in peak] == [2048]
+    for name in ("svc0", "svc1"):
+        stream = [e for e in events if e.stream == name]
+        machine = ServiceMachine.fold(name, stream)
+        assert (machine.state, machine.version) == dict_fold(stream)
+        assert heads[name].state == machine.state.value == "stopped"
+        assert heads[name].last_seq == stream[-1].seq
+
+
+def test_lower_bound_adds_the_loads_no_schedule_can_hide() -> None:
+    work = [dict.fromkeys(["crawl", "analysis", "tts", "video", "render"], 1.0)] * 2
+    own = {"vidi": 3.0, "cosyvoice": 2.0, "comfyui": 6.0}
+    # work 10 + (3 - 1) before the first analysis + min(2, 6 - 1) per item
+    assert lower_bound(work, own) == 10 + 2 + 2 * 2
+
+
+def test_table_escapes_pipes_and_readme_block_is_replaced(tmp_path: Path) -> None:
+    row = Row("f|g", "1", "2", 0.5, "≥ 0.5", True)
+    table = markdown_table([row])
+    assert "f\\|g" in table
+    assert table.splitlines()[-1].endswith("| 0.5 | ≥ 0.5 | yes |")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold\n{README_END}\nrest\n")
+    assert update_readme(readme, table)
+    text = readme.read_text()
+    assert "old" not in text
+    assert table in text
+    assert text.startswith("intro\n")
+    assert text.endswith("rest\n")
+    assert not update_readme(tmp_path / "missing.md", table)
+
+
+def test_stop_ends_a_process_and_the_descendants_it_leaves_behind() -> None:
+    guard = ProcessGuard()
+    # The child starts a grandchild in its own session, which outlives the child.
+    script = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " start_new_session=True)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = guard.popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    grandchild = psutil.Process(int(proc.stdout.readline()))
+    proc.stdout.close()
+    guard.stop(proc, grace_s=5)
+    assert proc.returncode is not None
+    deadline = time.monotonic() + 10
+    while grandchild.is_running() and grandchild.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the grandchild survived"
+        time.sleep(0.02)
+    guard.stop_all()
