@@ -244,7 +244,9 @@ class Coordinator:
                         and self._my_turn(ticket, prio)
                     ):
                         plan = self._plan(startable, client, prio, requester)
-                        if plan.fits:
+                        if plan.fits and plan.victims and self._drains_suffice(plan):
+                            pass  # stops already under way make the room: stop nothing more
+                        elif plan.fits:
                             self._waiting.pop(ticket, None)
                             if plan.victims:
                                 owned = self._drain_victims(plan, client, requester, stops)
@@ -307,6 +309,20 @@ class Coordinator:
                 )
             )
         return _merge(plans)
+
+    def _drains_suffice(self, plan: policy.Plan) -> bool:
+        """Whether the services already draining free enough for ``plan`` on their own."""
+        core = self.core
+        for device in sorted({core.config.services[n].gpu for n in plan.to_start}):
+            views = core.views(device)
+            draining = [n for n, v in views.items() if v.state is State.DRAINING]
+            if not draining:
+                return False
+            gpu, _, _ = core.gpu_view(device)
+            need = sum(views[n].reservation for n in plan.to_start if n in views)
+            if need > policy.free_after_stopping(views, gpu, draining):
+                return False
+        return True
 
     def _drain_victims(
         self, plan: policy.Plan, client: str | None, requester: str, stops: list[StopNote]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -55,9 +56,12 @@ class Health:
 
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock: Clock = clock or SystemClock()
-        # trust_env=False: a proxy from the environment must not sit between us and
-        # a service on 127.0.0.1.
-        self._client = httpx.Client(trust_env=False, follow_redirects=False)
+        # Made on first use: building one loads the CA bundle (~30 ms), which a
+        # coordinator with only tcp/exec checks, or a recovery with nothing to probe,
+        # never needs.
+        self._client: httpx.Client | None = None
+        self._client_lock = threading.Lock()
+        self._closed = False
 
     def probe(self, health: HealthConfig, timeout_s: float | None = None) -> HealthResult:
         """One probe, bounded by ``timeout_s`` (default: ``health.probe_timeout_s``)."""
@@ -110,7 +114,10 @@ class Health:
 
     def close(self) -> None:
         """Close the HTTP client; idempotent."""
-        self._client.close()
+        with self._client_lock:
+            self._closed = True
+            if self._client is not None:
+                self._client.close()
 
     def __enter__(self) -> Health:
         return self
@@ -122,9 +129,20 @@ class Health:
         elapsed = self.clock.monotonic() - began
         return HealthResult(ok=ok, reason=reason, probes=probes, elapsed_s=elapsed)
 
+    def _http_client(self) -> httpx.Client | None:
+        with self._client_lock:
+            if self._client is None and not self._closed:
+                # trust_env=False: a proxy from the environment must not sit between us
+                # and a service on 127.0.0.1.
+                self._client = httpx.Client(trust_env=False, follow_redirects=False)
+            return None if self._closed else self._client
+
     def _http(self, url: str, expect: int, timeout: float) -> tuple[bool, str]:
+        client = self._http_client()
+        if client is None:
+            return False, "the health checker is closed"
         try:
-            response = self._client.get(url, timeout=timeout)
+            response = client.get(url, timeout=timeout)
         except httpx.TimeoutException:
             return False, f"timed out after {timeout:.1f}s waiting for {url}"
         except httpx.ConnectError as exc:

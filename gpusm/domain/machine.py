@@ -42,6 +42,12 @@ TRANSITIONS: Final[list[tuple[str, list[State], State | None]]] = [
 
 TRIGGERS: Final[frozenset[str]] = frozenset(t for t, _, _ in TRANSITIONS)
 
+# The same table as a lookup, for replay: folding a long log through the machine's
+# trigger dispatch costs ~20 µs an event; this costs a dictionary read.
+_NEXT: Final[dict[tuple[State, str], State]] = {
+    (src, trigger): dest or src for trigger, sources, dest in TRANSITIONS for src in sources
+}
+
 
 class ServiceMachine:
     """One service's state and stream version, rebuilt by folding its events."""
@@ -84,7 +90,11 @@ class ServiceMachine:
         """Fold one recorded event of this stream (replay)."""
         cls = EVENT_TYPES.get(event.type)
         if cls is not None and issubclass(cls, ServiceEvent):
-            self._fire(cls.TRIGGER)
+            dest = _NEXT.get((self.state, cls.TRIGGER))
+            if dest is None:
+                raise IllegalTransition(self.name, cls.TRIGGER, self.state.value)
+            if dest is not self.state:
+                self.state = dest  # no callbacks to run: the plain attribute is the state
         self.version = event.version
 
     @classmethod

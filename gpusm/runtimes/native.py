@@ -245,13 +245,17 @@ class NativeRuntime:
             )
         _signal_tree(top, tree, signal.SIGTERM)
         deadline = began + grace_s
+        # Poll fast at first (most services exit within milliseconds of SIGTERM), then
+        # back off to _POLL_S so that a slow stop does not burn a core scanning /proc.
+        gap = 0.002
         while True:
             _reap(top)
             tree = _grow(tree)
             alive = [p for p in tree if _running(p)]
             if not alive or time.monotonic() >= deadline:
                 break
-            time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(gap, max(0.0, deadline - time.monotonic())))
+            gap = min(gap * 1.5, _POLL_S)
         if alive:
             _signal_tree(top, tree, signal.SIGKILL)
             kill_deadline = time.monotonic() + _KILL_WAIT_S

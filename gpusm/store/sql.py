@@ -20,8 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 
@@ -140,12 +139,14 @@ class SqlEventStore:
             return []
         try:
             with self._connect(write=True) as conn:
-                found = conn.execute(
-                    select(stream_heads.c.stream, stream_heads.c.version).where(
-                        stream_heads.c.stream.in_({r["stream"] for r in rows})
-                    )
+                streams = sorted({str(r["stream"]) for r in rows})
+                # Plain SQL on the append path: statement building cost more than the fsync.
+                found = conn.exec_driver_sql(
+                    "SELECT stream, version FROM stream_heads WHERE stream IN "
+                    f"({', '.join('?' * len(streams))})",
+                    tuple(streams),
                 )
-                known: dict[str, int] = {row.stream: row.version for row in found}
+                known: dict[str, int] = {str(row[0]): int(row[1]) for row in found}
                 check_versions(batch, lambda stream: known.get(stream, 0))
                 seqs = _insert_events(conn, rows)
                 _update_heads(conn, rows, seqs)
@@ -290,9 +291,16 @@ def _make_engine(url: str, synchronous: str, busy_timeout_ms: int) -> Engine:
 
 # Under BEGIN IMMEDIATE nobody else can insert, so the batch's seqs are known up front:
 # one executemany instead of a RETURNING round trip per row.
-_LAST_SEQ = text(
+_LAST_SEQ = (
     "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0), "
     "coalesce((SELECT max(seq) FROM events), 0))"
+)
+_UPSERT_HEAD = (
+    "INSERT INTO stream_heads (stream, version, state, last_seq, at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (stream) DO UPDATE SET version = excluded.version, "
+    # A batch without any to_state for this stream keeps the state it had.
+    "state = coalesce(excluded.state, stream_heads.state), "
+    "last_seq = excluded.last_seq, at = excluded.at"
 )
 _INSERT = (
     "INSERT INTO events (seq, stream, version, type, from_state, to_state, at, data) "
@@ -301,7 +309,7 @@ _INSERT = (
 
 
 def _insert_events(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
-    last = int(conn.execute(_LAST_SEQ).scalar_one())
+    last = int(conn.exec_driver_sql(_LAST_SEQ).scalar_one())
     seqs = list(range(last + 1, last + 1 + len(rows)))
     conn.exec_driver_sql(
         _INSERT,
@@ -329,18 +337,10 @@ def _update_heads(conn: Connection, rows: list[dict[str, Any]], seqs: Sequence[i
         head.update(version=row["version"], last_seq=seq, at=row["at"])
         if row["to_state"] is not None:
             head["state"] = row["to_state"]
-    stmt = sqlite_insert(stream_heads)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[stream_heads.c.stream],
-        set_={
-            "version": stmt.excluded.version,
-            # A batch without any to_state for this stream keeps the state it had.
-            "state": func.coalesce(stmt.excluded.state, stream_heads.c.state),
-            "last_seq": stmt.excluded.last_seq,
-            "at": stmt.excluded.at,
-        },
+    conn.exec_driver_sql(
+        _UPSERT_HEAD,
+        [(h["stream"], h["version"], h["state"], h["last_seq"], h["at"]) for h in latest.values()],
     )
-    conn.execute(stmt, list(latest.values()))
 
 
 def _recorded(row: Any) -> RecordedEvent:

@@ -68,13 +68,15 @@ def test_entering_a_phase_evicts_idle_services_lowest_priority_first(
     coordinator.release("b")
     result = coordinator.enter_phase("video", client="c")
     assert result.started == ("comfyui",)
+    # vidi (priority 40) goes first, and its 4 GiB are enough: cosyvoice stays warm,
+    # even though the re-plan runs while vidi is still draining.
     stopped = [(s.service, s.kind) for s in result.stopped]
-    assert stopped == [("vidi", "evict"), ("cosyvoice", "evict")]
+    assert stopped == [("vidi", "evict")]
     states = {s.name: s.state for s in coordinator.status().services}
     assert states == {
         "comfyui": "healthy",
         "vidi": "stopped",
-        "cosyvoice": "stopped",
+        "cosyvoice": "healthy",
         "ollama": "stopped",
     }
     evicted = coordinator.events(EventQuery(types=["Evicted"]))
