@@ -173,7 +173,9 @@ class Coordinator:
             needed, client, prio, deadline, f"client {client}, phase {phase}"
         )
         stops += evicted
-        free_after = core.free_mib(self._device_of(needed))
+        # A request that started and stopped nothing changed nothing: skip the GPU read.
+        changed = bool(started or stops)
+        free_after = core.free_mib(self._device_of(needed)) if changed else free_before
         prefetching = self._prefetch(phase, client) if not phase.startswith("service:") else ()
         return PhaseResult(
             phase=phase,
