@@ -14,6 +14,7 @@ Every SQLAlchemy or SQLite error leaves this module as a :class:`~gpusm.errors.S
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from gpusm.domain.events import NewEvent, RecordedEvent
 from gpusm.errors import ConcurrencyConflict, StoreError
@@ -95,6 +96,9 @@ class SqlEventStore:
         if busy_timeout_ms < 0:
             raise StoreError(f"busy_timeout_ms must be 0 or more, got {busy_timeout_ms}")
         self._closed = False
+        # One connection for appends, serialised by this lock (readers use the pool).
+        self._writer_lock = threading.Lock()
+        self._writer: Any = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -137,27 +141,46 @@ class SqlEventStore:
         if not rows:
             self._check_open()
             return []
+        with self._writer_lock:
+            self._check_open()
+            try:
+                seqs = self._append_rows(batch, rows)
+            except sqlite3.IntegrityError as exc:
+                # Only reachable if stream_heads lags the log; the UNIQUE index still holds.
+                raise ConcurrencyConflict(batch[0].stream, batch[0].version) from exc
+            except (sqlite3.Error, SQLAlchemyError) as exc:
+                raise StoreError(
+                    f"cannot append to event store at {self.path}: {_reason(exc)}"
+                ) from exc
+        return [_recorded({**row, "seq": seq}) for row, seq in zip(rows, seqs, strict=True)]
+
+    def _append_rows(self, batch: list[NewEvent], rows: list[dict[str, Any]]) -> list[int]:
+        """One ``BEGIN IMMEDIATE`` transaction on the writer connection (lock held)."""
+        # The append path talks to the driver directly: SQLAlchemy's per-statement
+        # machinery cost more than the fsync, and appends are the hot path.
+        if self._writer is None:
+            self._writer = self._engine.raw_connection()
+        cursor = self._writer.cursor()
         try:
-            with self._connect(write=True) as conn:
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
                 streams = sorted({str(r["stream"]) for r in rows})
-                # Plain SQL on the append path: statement building cost more than the fsync.
-                found = conn.exec_driver_sql(
+                found = cursor.execute(
                     "SELECT stream, version FROM stream_heads WHERE stream IN "
                     f"({', '.join('?' * len(streams))})",
-                    tuple(streams),
-                )
+                    streams,
+                ).fetchall()
                 known: dict[str, int] = {str(row[0]): int(row[1]) for row in found}
                 check_versions(batch, lambda stream: known.get(stream, 0))
-                seqs = _insert_events(conn, rows)
-                _update_heads(conn, rows, seqs)
-        except IntegrityError as exc:
-            # Only reachable if stream_heads lags the log; the UNIQUE index still holds.
-            raise ConcurrencyConflict(batch[0].stream, batch[0].version) from exc
-        except SQLAlchemyError as exc:
-            raise StoreError(
-                f"cannot append to event store at {self.path}: {_reason(exc)}"
-            ) from exc
-        return [_recorded({**row, "seq": seq}) for row, seq in zip(rows, seqs, strict=True)]
+                seqs = _insert_events(cursor, rows)
+                _update_heads(cursor, rows, seqs)
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+        finally:
+            cursor.close()
+        return seqs
 
     def read(self, query: EventQuery = ANY_EVENT) -> list[RecordedEvent]:
         """Events matching ``query``, in ``seq`` order (or newest first)."""
@@ -202,9 +225,13 @@ class SqlEventStore:
 
     def close(self) -> None:
         """Close every pooled connection; idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._engine.dispose()
+        with self._writer_lock:
+            if not self._closed:
+                self._closed = True
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+                self._engine.dispose()
 
     # ------------------------------------------------------------ diagnostics
     def settings(self) -> dict[str, Any]:
@@ -265,7 +292,8 @@ def _switch_to_wal(cursor: Any, busy_timeout_ms: int) -> None:
 
 
 def _make_engine(url: str, synchronous: str, busy_timeout_ms: int) -> Engine:
-    engine = create_engine(url)
+    # The writer connection is shared by threads (under the store's lock).
+    engine = create_engine(url, connect_args={"check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -308,10 +336,10 @@ _INSERT = (
 )
 
 
-def _insert_events(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
-    last = int(conn.exec_driver_sql(_LAST_SEQ).scalar_one())
+def _insert_events(cursor: Any, rows: list[dict[str, Any]]) -> list[int]:
+    last = int(cursor.execute(_LAST_SEQ).fetchone()[0])
     seqs = list(range(last + 1, last + 1 + len(rows)))
-    conn.exec_driver_sql(
+    cursor.executemany(
         _INSERT,
         [
             (
@@ -330,14 +358,14 @@ def _insert_events(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
     return seqs
 
 
-def _update_heads(conn: Connection, rows: list[dict[str, Any]], seqs: Sequence[int]) -> None:
+def _update_heads(cursor: Any, rows: list[dict[str, Any]], seqs: Sequence[int]) -> None:
     latest: dict[str, dict[str, Any]] = {}
     for row, seq in zip(rows, seqs, strict=True):
         head = latest.setdefault(row["stream"], {"stream": row["stream"], "state": None})
         head.update(version=row["version"], last_seq=seq, at=row["at"])
         if row["to_state"] is not None:
             head["state"] = row["to_state"]
-    conn.exec_driver_sql(
+    cursor.executemany(
         _UPSERT_HEAD,
         [(h["stream"], h["version"], h["state"], h["last_seq"], h["at"]) for h in latest.values()],
     )
