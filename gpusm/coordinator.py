@@ -155,6 +155,7 @@ class Coordinator:
         with core.cond:
             self._check_open()
             free_before = core.free_mib(self._device_of(needed))
+            ready = all(core.slots[n].state is State.HEALTHY for n in needed)
             prio = policy.request_priority(needed, core.views(), priority)
             core.leases[client] = Lease(phase, frozenset(needed), prio)
             core.note(
@@ -173,9 +174,9 @@ class Coordinator:
             needed, client, prio, deadline, f"client {client}, phase {phase}"
         )
         stops += evicted
-        # A request that started and stopped nothing changed nothing: skip the GPU read.
-        changed = bool(started or stops)
-        free_after = core.free_mib(self._device_of(needed)) if changed else free_before
+        # Already in place and nothing stopped: this request changed nothing on the GPU.
+        unchanged = ready and not started and not stops
+        free_after = free_before if unchanged else core.free_mib(self._device_of(needed))
         prefetching = self._prefetch(phase, client) if not phase.startswith("service:") else ()
         return PhaseResult(
             phase=phase,
