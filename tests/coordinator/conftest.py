@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from coord_helpers import seed_config, write_config
+from seed_helpers import seed_config, write_config
 
 from gpusm.coordinator import Coordinator
 

@@ -21,13 +21,13 @@ _RUNTIME_TESTS = str(Path(__file__).resolve().parents[1] / "runtimes")
 if _RUNTIME_TESTS not in sys.path:
     sys.path.append(_RUNTIME_TESTS)
 
-from coord_helpers import SEED, free_port, seed_config  # noqa: E402
 from docker_helpers import (  # noqa: E402
     BUSYBOX_IMAGE,
     docker_cli,
     fake_server_service,
     require_test_images,
 )
+from seed_helpers import SEED, free_port, seed_config  # noqa: E402
 
 from gpusm.config import HealthConfig, load_config  # noqa: E402
 from gpusm.wiring import deployment_id  # noqa: E402

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from coord_helpers import seed_config, write_config
+from seed_helpers import seed_config, write_config
 
 from gpusm.coordinator import Coordinator
 from gpusm.errors import InsufficientVram

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from coord_helpers import seed_config, sim_of, write_config
 from invariants import assert_consistent
+from seed_helpers import seed_config, sim_of, write_config
 
 from gpusm.coordinator import Coordinator
 from gpusm.crashpoints import CRASH_EXIT_CODE, CRASH_POINTS

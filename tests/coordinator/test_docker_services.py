@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-from coord_helpers import sim_of, write_config
 from docker_coord_helpers import (
     LOOKALIKE,
     container_ids,
@@ -32,6 +31,7 @@ from docker_coord_helpers import (
     wait_http,
 )
 from invariants import assert_consistent
+from seed_helpers import sim_of, write_config
 
 from gpusm.config import load_config
 from gpusm.coordinator import Coordinator

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from coord_helpers import seed_config, sim_of, write_config
+from seed_helpers import seed_config, sim_of, write_config
 
 from gpusm.coordinator import Coordinator
 from gpusm.domain.states import State

@@ -1,4 +1,7 @@
-"""Helpers for coordinator tests: the seed config on a simulated GPU with fake services."""
+"""The seed config (the plan's four services) on a simulated GPU, with fake model servers.
+
+Shared by the coordinator and API tests (``tests/`` is on the import path).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ SEED = {
 
 
 def free_port() -> int:
+    """A TCP port that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -43,10 +47,13 @@ def fake_service(
     }
 
 
-def seed_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    """The original plan's four services and five phases on a simulated 24 GiB GPU."""
+def seed_config(tmp_path: Path, load_scale: float = 1.0, **overrides: Any) -> dict[str, Any]:
+    """The original plan's four services and five phases (plus chat) on a simulated 24 GiB GPU.
+
+    ``load_scale`` multiplies every service's load time; ``overrides`` replace top-level keys.
+    """
     services = {
-        name: fake_service(vram, prio, load, free_port())
+        name: fake_service(vram, prio, round(load * load_scale, 3), free_port())
         for name, (vram, prio, load) in SEED.items()
     }
     doc: dict[str, Any] = {
@@ -73,11 +80,13 @@ def seed_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def write_config(tmp_path: Path, doc: dict[str, Any]) -> Path:
+    """``doc`` as ``tmp_path/gpusm.yaml``."""
     path = tmp_path / "gpusm.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
 def sim_of(path: Path) -> SimGpu:
+    """The simulated GPU of the config at ``path``."""
     doc = yaml.safe_load(path.read_text())
     return SimGpu(Path(doc["state_dir"]) / "simgpu")
