@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from gpusm.config import Config, load_config
-from gpusm.core import Core, Lease, Slot
+from gpusm.core import Core, Lease
 from gpusm.crashpoints import crash_point
 from gpusm.domain import events as ev
 from gpusm.domain import policy
@@ -55,6 +55,7 @@ class Coordinator:
         self._waiting: dict[int, int] = {}
         self.recovered = False
         self._monitor: Any = None
+        self._closing = False
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -100,26 +101,32 @@ class Coordinator:
 
     def close(self, stop_services: bool = False) -> None:
         """Stop the monitor and release the lock; services keep running unless asked."""
-        if self.core.closed:
+        if self.core.closed or self._closing:
             return
-        if stop_services:
-            self.release_all(by="close")
         with self.core.cond:
-            self.core.closed = True
+            # From here on no request or prefetch starts anything new.
+            self._closing = True
             self.core.cond.notify_all()
-        if self._monitor is not None:
-            self._monitor.stop()
-        join_background(timeout_s=30.0)
-        for closer in (self.core.health.close, self.core.probe.close, self.core.store.close):
-            # Closing is best effort; nothing recorded is at stake.
-            with contextlib.suppress(GpusmError):
-                closer()
-        for runtime in self.core.runtimes.values():
-            close = getattr(runtime, "close", None)
-            if close is not None:
-                close()
-        if self._lock is not None:
-            self._lock.release()
+        try:
+            if stop_services:
+                self.release_all(by="close")
+        finally:
+            with self.core.cond:
+                self.core.closed = True
+                self.core.cond.notify_all()
+            if self._monitor is not None:
+                self._monitor.stop()
+            join_background(timeout_s=30.0)
+            for closer in (self.core.health.close, self.core.probe.close, self.core.store.close):
+                # Closing is best effort; nothing recorded is at stake.
+                with contextlib.suppress(GpusmError):
+                    closer()
+            for runtime in self.core.runtimes.values():
+                close = getattr(runtime, "close", None)
+                if close is not None:
+                    close()
+            if self._lock is not None:
+                self._lock.release()
 
     # ------------------------------------------------------------ phases
     def enter_phase(
@@ -202,7 +209,7 @@ class Coordinator:
         return self.core.config.services[needed[0]].gpu if needed else 0
 
     def _check_open(self) -> None:
-        if self.core.closed:
+        if self.core.closed or self._closing:
             raise GpusmError("the coordinator is closed")
 
     def _my_turn(self, ticket: int, prio: int) -> bool:
@@ -229,7 +236,6 @@ class Coordinator:
         last_plan: policy.Plan | None = None
         try:
             while True:
-                owned: list[tuple[Slot, bool]] = []
                 with core.cond:
                     self._check_open()
                     pending = [n for n in needed if core.slots[n].state is not State.HEALTHY]
@@ -247,37 +253,36 @@ class Coordinator:
                         and self._my_turn(ticket, prio)
                     ):
                         plan = self._plan(startable, client, prio, requester)
-                        if plan.fits and plan.victims and self._drains_suffice(plan):
-                            pass  # stops already under way make the room: stop nothing more
-                        elif plan.fits:
+                        if plan.fits and not plan.victims:
                             self._waiting.pop(ticket, None)
-                            if plan.victims:
-                                owned = self._drain_victims(plan, client, requester, stops)
-                            else:
-                                if stops:
-                                    crash_point("mid_preemption")
-                                self._start_all(plan.to_start, client, requester, prefetch, mine)
-                                started += plan.to_start
-                                if prefetch:
-                                    return started, stops  # a prefetch never waits for health
-                                continue
-                        elif prefetch:
+                            if stops:
+                                crash_point("mid_preemption")
+                            self._start_all(plan.to_start, client, requester, prefetch, mine)
+                            started += plan.to_start
+                            if prefetch:
+                                return started, stops  # a prefetch never waits for health
+                            continue
+                        if prefetch and not plan.fits:
                             return started, stops
+                        if plan.fits:
+                            # Stops already under way may make the room: stop nothing more.
+                            if not self._drains_suffice(plan):
+                                self._drain_victims(plan, client, stops)
                         else:
                             last_plan = plan
+                            if plan.need_mib > self._ceiling(startable):
+                                raise plan.insufficient()  # no amount of waiting helps
+                        if not prefetch:
+                            # Hold our place until we start: the room being freed is ours.
                             self._waiting[ticket] = prio
-                    if not owned:
-                        left = deadline - core.clock.monotonic()
-                        if left <= 0:
-                            if last_plan is not None and not last_plan.fits:
-                                raise last_plan.insufficient()
-                            raise RequestTimeout(
-                                f"{requester}: {', '.join(pending)} not healthy in time"
-                            )
-                        core.cond.wait(min(left, _POLL_S))
-                        continue
-                for slot, wait in owned:
-                    in_background(f"stop-{slot.name}", partial(finish_stop, core, slot, wait))
+                    left = deadline - core.clock.monotonic()
+                    if left <= 0:
+                        if last_plan is not None and not last_plan.fits:
+                            raise last_plan.insufficient()
+                        raise RequestTimeout(
+                            f"{requester}: {', '.join(pending)} not healthy in time"
+                        )
+                    core.cond.wait(min(left, _POLL_S))
         finally:
             with core.cond:
                 self._waiting.pop(ticket, None)
@@ -327,18 +332,26 @@ class Coordinator:
                 return False
         return True
 
-    def _drain_victims(
-        self, plan: policy.Plan, client: str | None, requester: str, stops: list[StopNote]
-    ) -> list[tuple[Slot, bool]]:
-        owned = []
+    def _drain_victims(self, plan: policy.Plan, client: str | None, stops: list[StopNote]) -> None:
+        """Commit each victim's drain and start its stop at once (caller holds the lock)."""
         for victim in plan.victims:
             slot = self.core.slots[victim.name]
             cls = ev.Preempted if victim.kind == "preempt" else ev.Evicted
             data = {"reason": victim.reason, "by": client, "for": list(plan.to_start)}
             if begin_drain(self.core, slot, cls(data=data)):
-                owned.append((slot, victim.kind == "preempt"))
+                wait = victim.kind == "preempt"
+                in_background(f"stop-{slot.name}", partial(finish_stop, self.core, slot, wait))
             stops.append(StopNote(victim.name, victim.kind, victim.reason))
-        return owned
+
+    def _ceiling(self, names: Sequence[str]) -> int:
+        """The most any request for ``names`` could ever get: total - reserve.
+
+        Foreign usage is left out on purpose: it comes and goes (a crashed service's
+        memory counts as foreign until the driver frees it), so it is waited out.
+        """
+        core = self.core
+        gpu, _, _ = core.gpu_view(core.config.services[names[0]].gpu)
+        return gpu.total_mib - gpu.reserve_mib
 
     def _start_all(
         self,
@@ -387,6 +400,12 @@ class Coordinator:
 
     def _prefetch(self, phase: str, client: str) -> tuple[str, ...]:
         """Start the next GPU phase's services in the background if they fit beside us."""
+        try:
+            return self._try_prefetch(phase, client)
+        except GpusmError:
+            return ()  # an optional head start; the phase itself already succeeded
+
+    def _try_prefetch(self, phase: str, client: str) -> tuple[str, ...]:
         core = self.core
         upcoming = _next_gpu_phase(core.config, phase)
         if upcoming is None:

@@ -10,9 +10,11 @@ while it is still starting is stopped by its starting thread, which owns it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from gpusm.core import Core, Slot
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 _NVML_SLACK_MIB = 64
+_log = logging.getLogger("gpusm")
 _threads: set[threading.Thread] = set()
 _threads_lock = threading.Lock()
 
@@ -44,14 +47,17 @@ def in_background(name: str, fn: Callable[[], Any]) -> threading.Thread:
             fn()
         except GpusmError:
             pass  # recorded by the step that failed; the waiting request reports it
+        except Exception:  # a bug: say so, but never take the process down
+            _log.exception("gpusm background task %s failed", name)
         finally:
             with _threads_lock:
                 _threads.discard(thread)
 
     thread = threading.Thread(target=body, name=f"gpusm-{name}", daemon=True)
     with _threads_lock:
+        # Started under the lock, so join_background never sees an unstarted thread.
         _threads.add(thread)
-    thread.start()
+        thread.start()
     return thread
 
 
@@ -69,6 +75,7 @@ def begin_start(core: Core, slot: Slot, data: dict[str, Any]) -> None:
     now = core.clock.monotonic()
     slot.busy = True
     slot.last_error = None
+    slot.health_failures = 0
     slot.generation += 1
     slot.start_times.append(now)
     slot.start_deadline = now + slot.config.health.timeout_s
@@ -80,7 +87,35 @@ def begin_start(core: Core, slot: Slot, data: dict[str, Any]) -> None:
 
 
 def run_start(core: Core, slot: Slot) -> None:
-    """Launch, record ``ProcessLaunched``, wait for health, record the outcome."""
+    """Launch, record ``ProcessLaunched``, wait for health, record the outcome.
+
+    Whatever goes wrong, the busy flag is released: a start left STARTING without an
+    owner is drained by the monitor, a stop left DRAINING is retried by it.
+    """
+    with _releasing_on_error(core, slot):
+        _run_start(core, slot)
+
+
+def finish_stop(core: Core, slot: Slot, wait_for_leases: bool = False) -> None:
+    """Stop the draining service, verify its VRAM is back, record ``Stopped``."""
+    with _releasing_on_error(core, slot):
+        _finish_stop(core, slot, wait_for_leases)
+
+
+@contextmanager
+def _releasing_on_error(core: Core, slot: Slot) -> Iterator[None]:
+    try:
+        yield
+    except BaseException as exc:
+        with core.cond:
+            if slot.busy:
+                slot.busy = False
+                slot.last_error = slot.last_error or f"{type(exc).__name__}: {exc}"
+            core.cond.notify_all()
+        raise
+
+
+def _run_start(core: Core, slot: Slot) -> None:
     crash_point("after_start_requested")
     instance = uuid.uuid4().hex
     try:
@@ -187,8 +222,7 @@ def begin_drain(core: Core, slot: Slot, event: ev.ServiceEvent) -> bool:
     return True
 
 
-def finish_stop(core: Core, slot: Slot, wait_for_leases: bool = False) -> None:
-    """Stop the draining service, verify its VRAM is back, record ``Stopped``."""
+def _finish_stop(core: Core, slot: Slot, wait_for_leases: bool) -> None:
     crash_point("after_drain_requested")
     if wait_for_leases:
         _wait_lease_released(core, slot)

@@ -10,6 +10,7 @@ services whose ``idle_ttl_s`` has passed; (5) retries stops that failed.
 
 from __future__ import annotations
 
+import logging
 import threading
 from functools import partial
 
@@ -21,6 +22,8 @@ from gpusm.errors import GpusmError
 from gpusm.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
 
 __all__ = ["Monitor"]
+
+_log = logging.getLogger("gpusm")
 
 
 class Monitor:
@@ -51,6 +54,8 @@ class Monitor:
                 self.tick()
             except GpusmError:
                 continue  # e.g. the GPU was unreadable this tick; try again next tick
+            except Exception:  # a bug: log it, and keep watching the services
+                _log.exception("gpusm monitor tick failed")
 
     def tick(self) -> None:
         """One pass over every service."""
@@ -58,18 +63,35 @@ class Monitor:
         for slot in list(core.slots.values()):
             if core.closed:
                 return
-            if slot.state is State.HEALTHY and not slot.busy:
-                self._check_liveness(slot)
-            if slot.state is State.DRAINING and not slot.busy:
-                with core.cond:
-                    retry = slot.state is State.DRAINING and not slot.busy
-                    if retry:
-                        slot.busy = True
-                if retry:
-                    in_background(f"stop-{slot.name}", partial(finish_stop, core, slot))
-        self._observe_vram()
-        self._restart_due()
-        self._expire_idle()
+            # One service's trouble (an engine that is down, a stop that failed) must
+            # not blind the monitor to the others.
+            try:
+                self._check_slot(slot)
+            except GpusmError:
+                continue
+        for step in (self._observe_vram, self._restart_due, self._expire_idle):
+            try:
+                step()
+            except GpusmError:
+                continue
+
+    def _check_slot(self, slot: Slot) -> None:
+        core = self.core
+        if slot.state is State.HEALTHY and not slot.busy:
+            self._check_liveness(slot)
+        with core.cond:
+            if slot.busy or core.closed:
+                return
+            if slot.state is State.STARTING:
+                # A start whose owner gave up on an error: nobody will finish it.
+                reason = f"start abandoned: {slot.last_error or 'its owner failed'}"
+                if not begin_drain(core, slot, ev.DrainRequested(data={"reason": reason})):
+                    return
+            elif slot.state is State.DRAINING:
+                slot.busy = True  # a stop that failed before: try again
+            else:
+                return
+        in_background(f"stop-{slot.name}", partial(finish_stop, core, slot))
 
     # ---------------------------------------------------------------- crashes
     def _check_liveness(self, slot: Slot) -> None:
@@ -139,8 +161,8 @@ class Monitor:
                 due = slot.restart_at is not None and slot.restart_at <= now
                 if not due or slot.state is not State.STOPPED or slot.busy:
                     continue
-                slot.restart_at = None
                 if slot.name not in core.leased():
+                    slot.restart_at = None
                     continue
                 views = core.views(slot.config.gpu)
                 gpu, _, _ = core.gpu_view(slot.config.gpu)
@@ -149,6 +171,7 @@ class Monitor:
                     continue
                 reason = f"restart after crash ({slot.last_error})"
                 begin_start(core, slot, {"reason": reason, "by": "monitor"})
+                slot.restart_at = None  # only once the start is recorded
                 in_background(f"restart-{slot.name}", partial(self._restart, slot))
 
     def _restart(self, slot: Slot) -> None:
@@ -173,7 +196,9 @@ class Monitor:
                     usage[owner] = usage.get(owner, 0) + snap.processes.get(pid, 0)
                 for name, used in usage.items():
                     slot = core.slots[name]
-                    if used > slot.learned_peak_mib and slot.state is State.HEALTHY:
+                    # Loading is often when a service peaks: learn from STARTING too.
+                    active = slot.state in (State.STARTING, State.HEALTHY)
+                    if used > slot.learned_peak_mib and active:
                         slot.learned_peak_mib = used
                         core.record(
                             slot,

@@ -23,6 +23,7 @@ grow with the length of the log.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from gpusm.core import Core, Slot
@@ -100,8 +101,13 @@ def _restore_handle(core: Core, slot: Slot) -> None:
 
 def _orphans(core: Core) -> list[Handle]:
     found: list[Handle] = []
-    for runtime in core.runtimes.values():
-        found += runtime.find_orphans()
+    for kind, runtime in core.runtimes.items():
+        try:
+            found += runtime.find_orphans()
+        except GpusmError as exc:
+            # E.g. the Docker engine is down: what it runs cannot be seen, let alone
+            # touched; the services themselves are reconciled below.
+            core.note(ev.Recovered(data={"warning": f"{kind} runtime unreachable: {exc}"}))
     return found
 
 
@@ -110,7 +116,12 @@ def _runtime_for(core: Core, handle: Handle) -> Runtime:
 
 
 def _alive(core: Core, slot: Slot) -> bool:
-    return slot.handle is not None and core.runtime(slot).is_alive(slot.handle)
+    if slot.handle is None:
+        return False
+    try:
+        return core.runtime(slot).is_alive(slot.handle)
+    except GpusmError:
+        return False  # unobservable (engine down) counts as lost; a later recovery reaps it
 
 
 def _reconcile(core: Core, slot: Slot, extra: list[Handle]) -> list[str]:
@@ -190,12 +201,19 @@ def _crashed(core: Core, slot: Slot, reason: str) -> str:
 
 def _stop_handle(core: Core, slot: Slot) -> None:
     if slot.handle is not None:
-        core.runtime(slot).stop(slot.handle, slot.config.stop_timeout_s)
+        # A process that cannot be stopped must not keep the coordinator from serving:
+        # its memory then shows up as foreign usage.
+        with contextlib.suppress(GpusmError):
+            core.runtime(slot).stop(slot.handle, slot.config.stop_timeout_s)
 
 
 def _reap(core: Core, runtime: Runtime, handle: Handle, slot: Slot | None) -> str:
-    runtime.stop(handle, slot.config.stop_timeout_s if slot else 5.0)
-    event = ev.OrphanReaped(data={**handle.as_data(), "reason": "no running state explains it"})
+    data: dict[str, Any] = {**handle.as_data(), "reason": "no running state explains it"}
+    try:
+        runtime.stop(handle, slot.config.stop_timeout_s if slot else 5.0)
+    except GpusmError as exc:
+        data["stop_error"] = str(exc)
+    event = ev.OrphanReaped(data=data)
     if slot is not None:
         core.record(slot, event)
     else:

@@ -6,7 +6,7 @@ Every test drives a manual clock and calls ``Monitor.tick`` itself; nothing slee
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,15 @@ import pytest
 from fakes_helpers import World, fake_config, fake_service, open_world
 
 from gpusm.clock import ManualClock
+from gpusm.domain.events import NewEvent, RecordedEvent
 from gpusm.domain.states import State
-from gpusm.errors import ServiceStartFailed, ServiceStopFailed
+from gpusm.errors import ServiceStartFailed, ServiceStopFailed, StoreError
 from gpusm.gpu.memory import MemoryProbe
+from gpusm.lifecycle import begin_start, run_start
 from gpusm.monitor import Monitor
 from gpusm.ports import EventQuery, Handle, StopResult
 from gpusm.runtimes.memory import MemoryRuntime
+from gpusm.store.memory import MemoryEventStore
 
 Make = Callable[..., World]
 
@@ -338,3 +341,46 @@ def test_the_monitor_thread_keeps_ticking_while_the_gpu_is_unreadable(make: Make
     finally:
         monitor.stop()
     assert "GPU lost" in world.last("a", "Crashed")["gpu_error"]
+
+
+# ---------------------------------------------------------------- failed owners
+class FlakyStore(MemoryEventStore):
+    """Refuses the first append of one event type, as a full disk would."""
+
+    def __init__(self, refuse: str) -> None:
+        super().__init__()
+        self.refuse: str | None = refuse
+
+    def append(self, events: Sequence[NewEvent]) -> list[RecordedEvent]:
+        if self.refuse is not None and any(e.type == self.refuse for e in events):
+            self.refuse = None
+            raise StoreError("disk full (test)")
+        return super().append(events)
+
+
+def test_a_start_whose_fact_cannot_be_recorded_is_drained_not_left_busy(
+    tmp_path: Path,
+) -> None:
+    store = FlakyStore("ProcessLaunched")
+    world = open_world(fake_config(tmp_path, {"a": fake_service(4096)}), store=store)
+    try:
+        slot = world.slot("a")
+        with world.core.cond:
+            begin_start(world.core, slot, {"reason": "test"})
+        with pytest.raises(StoreError):
+            run_start(world.core, slot)
+        # The owner gave up without recording the launch: nobody holds the slot...
+        assert slot.state is State.STARTING
+        assert not slot.busy
+        assert "disk full" in (slot.last_error or "")
+        # ...so the monitor drains it, and the process it had launched is stopped.
+        world.tick()
+        assert world.state("a") is State.STOPPED
+        assert world.runtime.live() == []
+        assert world.types("a")[-2:] == ["DrainRequested", "Stopped"]
+        assert "start abandoned" in world.last("a", "DrainRequested")["reason"]
+        # And the service starts normally afterwards.
+        world.coordinator.enter_phase("pa", client="w")
+        assert world.state("a") is State.HEALTHY
+    finally:
+        world.coordinator.close()

@@ -14,7 +14,7 @@ from seed_helpers import seed_config, sim_of, write_config
 
 from gpusm.coordinator import Coordinator
 from gpusm.domain.states import State
-from gpusm.errors import CoordinatorBusy, InsufficientVram, UnknownName
+from gpusm.errors import CoordinatorBusy, InsufficientVram, ServiceStartFailed, UnknownName
 from gpusm.ports import EventQuery
 
 Open = Callable[..., Coordinator]
@@ -167,7 +167,7 @@ def test_a_service_that_cannot_start_fails_the_phase_with_its_reason(
     doc = seed_config(tmp_path)
     doc["services"]["vidi"]["command"] = [sys.executable, "-c", "import sys; sys.exit(3)"]
     coordinator = open_coordinator(write_config(tmp_path, doc))
-    with pytest.raises(Exception, match="vidi") as info:
+    with pytest.raises(ServiceStartFailed, match="vidi") as info:
         coordinator.enter_phase("analysis", client="w", timeout=15)
     assert "exited" in str(info.value) or "failed" in str(info.value)
     assert coordinator.core.slots["vidi"].state is State.STOPPED
