@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
@@ -56,6 +57,7 @@ class Coordinator:
         self.recovered = False
         self._monitor: Any = None
         self._closing = False
+        self._client_locks: dict[str, threading.Lock] = {}
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -148,6 +150,24 @@ class Coordinator:
         return self._enter(f"service:{name}", [name], False, client, timeout, None)
 
     def _enter(
+        self,
+        phase: str,
+        needed: list[str],
+        release: bool,
+        client: str,
+        timeout: float | None,
+        priority: int | None,
+    ) -> PhaseResult:
+        # One request at a time per client: a client has one current phase, and two
+        # concurrent requests would each see the other's services as idle.
+        with self._client_lock(client):
+            return self._enter_locked(phase, needed, release, client, timeout, priority)
+
+    def _client_lock(self, client: str) -> threading.Lock:
+        with self.core.cond:
+            return self._client_locks.setdefault(client, threading.Lock())
+
+    def _enter_locked(
         self,
         phase: str,
         needed: list[str],

@@ -149,6 +149,9 @@ def _reconcile(core: Core, slot: Slot, extra: list[Handle]) -> list[str]:
         _stop_handle(core, slot)
         return [_crashed(core, slot, f"alive but unhealthy on recovery: {result.reason}")]
     if state is State.DRAINING:
+        if slot.handle is None and extra:
+            # Drained before its launch was recorded: the marked instance is what to stop.
+            slot.handle = extra.pop(0)
         slot.busy = True
         try:
             finish_stop(core, slot)
@@ -184,6 +187,10 @@ def _resume_start(core: Core, slot: Slot) -> str:
         still_alive=lambda: runtime.is_alive(handle),
         started_at=slot.start_times[-1] if slot.start_times else None,
     )
+    if not result.ok and runtime.is_alive(handle):
+        # Past its deadline the wait probes nothing; one that loaded while the
+        # coordinator was down still deserves one look before it is killed.
+        result = core.health.probe(slot.config.health)
     if result.ok:
         core.record(slot, ev.HealthPassed(data={"reason": "health wait resumed on recovery"}))
         return f"{slot.name}: resumed start, healthy"
