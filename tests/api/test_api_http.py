@@ -211,7 +211,16 @@ def test_start_stop_reset_and_release_change_state_through_the_api(http: httpx.C
     assert started.json()["state"] == "healthy"
     stopped = http.post("/gpu/services/vidi/stop")
     assert stopped.json()["service"] == "vidi"
+    vidi = {s["name"]: s for s in http.get("/gpu/status").json()["services"]}["vidi"]
+    assert vidi["state"] == "stopped"
+    assert vidi["pid"] is None
+    stops = http.get("/gpu/events", params={"type": "Stopped", "service": "vidi"}).json()
+    assert stops["events"][-1]["data"]["vram_reclaimed"] is True
+    # reset of a service that is not failed changes nothing and records nothing
+    before = len(http.get("/gpu/events", params={"service": "vidi"}).json()["events"])
     assert http.post("/gpu/services/vidi/reset").json()["state"] == "stopped"
+    after = len(http.get("/gpu/events", params={"service": "vidi"}).json()["events"])
+    assert after == before
     ensured = http.post("/gpu/services/cosyvoice/ensure", json={"client": "w2"})
     assert ensured.json()["phase"] == "service:cosyvoice"
     assert http.get("/gpu/status").json()["leases"] == {"w2": "service:cosyvoice"}
