@@ -287,7 +287,7 @@ class Coordinator:
                         if plan.fits:
                             # Stops already under way may make the room: stop nothing more.
                             if not self._drains_suffice(plan):
-                                self._drain_victims(plan, client, stops)
+                                self._drain_victims(plan, client or requester, stops)
                         else:
                             last_plan = plan
                             if plan.need_mib > self._ceiling(startable):
@@ -352,12 +352,12 @@ class Coordinator:
                 return False
         return True
 
-    def _drain_victims(self, plan: policy.Plan, client: str | None, stops: list[StopNote]) -> None:
+    def _drain_victims(self, plan: policy.Plan, by: str, stops: list[StopNote]) -> None:
         """Commit each victim's drain and start its stop at once (caller holds the lock)."""
         for victim in plan.victims:
             slot = self.core.slots[victim.name]
             cls = ev.Preempted if victim.kind == "preempt" else ev.Evicted
-            data = {"reason": victim.reason, "by": client, "for": list(plan.to_start)}
+            data = {"reason": victim.reason, "by": by, "for": list(plan.to_start)}
             if begin_drain(self.core, slot, cls(data=data)):
                 wait = victim.kind == "preempt"
                 in_background(f"stop-{slot.name}", partial(finish_stop, self.core, slot, wait))
