@@ -268,7 +268,7 @@ class NativeRuntime:
                         f"{_KILL_WAIT_S:.0f}s (stuck in the kernel?)",
                     )
                 time.sleep(_POLL_S)
-        _reap(top)
+        _reap(top, wait_s=1.0)  # everything is dead: collect the status
         return StopResult(
             duration_s=time.monotonic() - began, escalated=bool(alive), already_dead=top is None
         )
@@ -378,18 +378,21 @@ def _signal_tree(
             proc.send_signal(sig)
 
 
-def _reap(proc: psutil.Process | None) -> None:
+def _reap(proc: psutil.Process | None, wait_s: float = 0.0) -> None:
     """Collect the exit status of our own child so that it does not linger as a zombie.
 
     Only for a process whose identity was checked (``proc``), never a bare pid: that
-    pid may by now be another child of ours, whose status is not ours to take.
+    pid may by now be another child of ours, whose status is not ours to take. With
+    ``wait_s``, wait that long for a child that is dying but not yet collectable.
     """
     if proc is None:
         return
     # create_time() is cached by psutil from when the process was looked up.
     child = _child(proc.pid, proc.create_time())
     if child is not None:
-        child.poll()
+        if child.poll() is None and wait_s > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=wait_s)
         return
     # A child of this process that no NativeRuntime launched (or that was forgotten).
     with contextlib.suppress(ChildProcessError, psutil.Error):
