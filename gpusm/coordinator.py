@@ -369,9 +369,10 @@ class Coordinator:
         Foreign usage is left out on purpose: it comes and goes (a crashed service's
         memory counts as foreign until the driver frees it), so it is waited out.
         """
+        # Only the device's size matters here: no need to attribute its processes.
         core = self.core
-        gpu, _, _ = core.gpu_view(core.config.services[names[0]].gpu)
-        return gpu.total_mib - gpu.reserve_mib
+        total = core.snapshot(core.config.services[names[0]].gpu).total_mib
+        return total - core.config.gpu.reserve_mib
 
     def _start_all(
         self,
@@ -510,7 +511,9 @@ class Coordinator:
             prio = policy.request_priority(needed, core.views(), priority)
             missing = [n for n in needed if core.slots[n].state not in RUNNING_STATES]
             if not missing:
-                return policy.plan_admission([], core.views(), {}, core.gpu_view(0)[0], prio)
+                device = self._device_of(needed)
+                gpu = core.gpu_view(device)[0]
+                return policy.plan_admission([], core.views(device), {}, gpu, prio)
             return self._plan(missing, client, prio, f"client {client}, phase {name}")
 
     def events(self, query: EventQuery | None = None) -> list[RecordedEvent]:
