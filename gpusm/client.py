@@ -19,6 +19,9 @@ numbers, :class:`~gpusm.errors.UnknownName`, :class:`~gpusm.errors.RequestTimeou
 Connection failures are retried a bounded number of times (a request that never
 reached the daemon is safe to repeat), and so are 503 answers that carry
 ``Retry-After`` (the daemon is recovering or restarting), within ``max_wait_s``.
+
+Answers are decoded, and problems mapped to errors, by :mod:`gpusm.wire`, the
+description the daemon encodes with; this module never imports :mod:`gpusm.api`.
 """
 
 from __future__ import annotations
@@ -26,21 +29,26 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from gpusm.api.problems import error_from_problem
-from gpusm.api.security import read_token
 from gpusm.config import Config, load_config
 from gpusm.domain.events import RecordedEvent
-from gpusm.domain.policy import Plan, Victim
+from gpusm.domain.policy import Plan
 from gpusm.errors import GpusmError, RequestTimeout
 from gpusm.ports import EventQuery
-from gpusm.results import DeviceStatus, PhaseResult, ServiceStatus, Status, StopNote
+from gpusm.results import PhaseResult, Status, StopNote
+from gpusm.wire import (
+    EventPage,
+    ReleasedAll,
+    error_from_problem,
+    from_json,
+    parse_listen,
+    read_token,
+)
 
 __all__ = ["DEFAULT_URL", "Client", "daemon_url", "find_daemon"]
 
@@ -50,8 +58,6 @@ _PAGE = 1000
 
 def daemon_url(listen: str) -> str:
     """The base URL for a daemon listening on ``listen`` (``HOST:PORT``; wildcards -> loopback)."""
-    from gpusm.api.server import parse_listen
-
     return parse_listen(listen).url
 
 
@@ -129,7 +135,7 @@ class Client:
 
     def status(self) -> Status:
         """Devices, services and leases now."""
-        return _status(self._json("GET", "/gpu/status"))
+        return from_json(Status, self._json("GET", "/gpu/status"))
 
     def enter_phase(
         self,
@@ -144,7 +150,8 @@ class Client:
             body["timeout"] = timeout
         if priority is not None:
             body["priority"] = priority
-        return _phase_result(self._json("POST", "/gpu/phase", body, blocking=True, wait=timeout))
+        found = self._json("POST", "/gpu/phase", body, blocking=True, wait=timeout)
+        return from_json(PhaseResult, found)
 
     def ensure_service(
         self, name: str, client: str = "default", timeout: float | None = None
@@ -154,7 +161,7 @@ class Client:
         if timeout is not None:
             body["timeout"] = timeout
         path = f"/gpu/services/{_segment(name)}/ensure"
-        return _phase_result(self._json("POST", path, body, blocking=True, wait=timeout))
+        return from_json(PhaseResult, self._json("POST", path, body, blocking=True, wait=timeout))
 
     def release(self, client: str = "default") -> None:
         """Drop ``client``'s lease; its services stay warm until their room is needed."""
@@ -163,7 +170,7 @@ class Client:
     def release_all(self, by: str = "client") -> list[StopNote]:
         """Drop every lease and stop every running service."""
         found = self._json("POST", "/gpu/release-all", {"by": by}, blocking=True)
-        return [StopNote(**n) for n in found["stopped"]]
+        return list(from_json(ReleasedAll, found).stopped)
 
     def start_service(self, name: str, by: str = "client", timeout: float | None = None) -> None:
         """Start one service without a lease; return once it is healthy."""
@@ -179,7 +186,7 @@ class Client:
         found = self._json(
             "POST", f"/gpu/services/{_segment(name)}/stop", {"by": by}, blocking=True
         )
-        return StopNote(**found)
+        return from_json(StopNote, found)
 
     def reset_service(self, name: str, by: str = "client") -> None:
         """Clear a service that gave up (``failed``) so that it may start again."""
@@ -190,11 +197,7 @@ class Client:
         params: dict[str, Any] = {"client": client}
         if priority is not None:
             params["priority"] = priority
-        found = self._json("GET", f"/gpu/plan/{_segment(name)}", params=params)
-        victims = tuple(Victim(**v) for v in found.pop("victims"))
-        for key in ("to_start", "already_running", "blocked_by"):
-            found[key] = tuple(found[key])
-        return Plan(victims=victims, **found)
+        return from_json(Plan, self._json("GET", f"/gpu/plan/{_segment(name)}", params=params))
 
     def events_page(
         self, query: EventQuery | None = None, page_size: int = 100
@@ -213,8 +216,8 @@ class Client:
         for key, at in (("since", query.since), ("until", query.until)):
             if at is not None:
                 params.append((key, at.isoformat()))
-        found = self._json("GET", "/gpu/events", params=params)
-        return [_event(e) for e in found["events"]], found["next_after_seq"]
+        page = from_json(EventPage, self._json("GET", "/gpu/events", params=params))
+        return list(page.events), page.next_after_seq
 
     def events(self, query: EventQuery | None = None) -> list[RecordedEvent]:
         """Events like ``Coordinator.events``: oldest first (newest first if asked); with
@@ -320,42 +323,3 @@ def _answer(response: httpx.Response) -> Any:
         raise error_from_problem(response.status_code, found)
     text = response.text[:200].strip() or response.reason_phrase
     raise GpusmError(f"gpusm daemon answered {response.status_code}: {text}")
-
-
-def _phase_result(found: dict[str, Any]) -> PhaseResult:
-    return PhaseResult(
-        phase=found["phase"],
-        client=found["client"],
-        started=tuple(found["started"]),
-        kept=tuple(found["kept"]),
-        stopped=tuple(StopNote(**n) for n in found["stopped"]),
-        waited_s=found["waited_s"],
-        free_before_mib=found["free_before_mib"],
-        free_after_mib=found["free_after_mib"],
-        prefetching=tuple(found.get("prefetching", ())),
-    )
-
-
-def _status(found: dict[str, Any]) -> Status:
-    services = []
-    for svc in found["services"]:
-        services.append(ServiceStatus(**{**svc, "leased_by": tuple(svc["leased_by"])}))
-    return Status(
-        recovered=found["recovered"],
-        devices=tuple(DeviceStatus(**d) for d in found["devices"]),
-        services=tuple(services),
-        leases=dict(found["leases"]),
-    )
-
-
-def _event(found: dict[str, Any]) -> RecordedEvent:
-    return RecordedEvent(
-        stream=found["stream"],
-        version=found["version"],
-        type=found["type"],
-        at=datetime.fromisoformat(found["at"]),
-        from_state=found["from_state"],
-        to_state=found["to_state"],
-        data=found["data"],
-        seq=found["seq"],
-    )

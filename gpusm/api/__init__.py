@@ -1,7 +1,8 @@
 """The HTTP API of ``gpusm serve``: FastAPI app, schemas, security, problems and metrics.
 
-Only :mod:`gpusm.api.problems` is imported eagerly by :mod:`gpusm.client`; the names
-below load FastAPI on first use, so a worker that only needs the client stays light.
+The client (:mod:`gpusm.client`) never imports this package: both speak
+:mod:`gpusm.wire`. The names below load FastAPI on first use (``Listen`` and
+``parse_listen`` are :mod:`gpusm.wire`'s).
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gpusm.api.app import create_app, state_of
-    from gpusm.api.server import Listen, bind, make_server, parse_listen
+    from gpusm.api.server import bind, make_server
+    from gpusm.wire import Listen, parse_listen
 
 __all__ = ["Listen", "bind", "create_app", "make_server", "parse_listen", "state_of"]
 
 _HOMES = {
     "create_app": "gpusm.api.app",
     "state_of": "gpusm.api.app",
-    "Listen": "gpusm.api.server",
+    "Listen": "gpusm.wire",
     "bind": "gpusm.api.server",
     "make_server": "gpusm.api.server",
-    "parse_listen": "gpusm.api.server",
+    "parse_listen": "gpusm.wire",
 }
 
 

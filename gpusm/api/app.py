@@ -5,7 +5,7 @@ starts, which begins recovery in a background thread. Until recovery has finishe
 every endpoint but ``/healthz`` answers 503 with ``Retry-After``. Requests whose
 ``Host`` is not local are refused with 421 before anything else happens. Errors are
 JSON problem details (RFC 9457, ``application/problem+json``); see
-:mod:`gpusm.api.problems` for the types and status codes.
+:mod:`gpusm.wire` for the types and status codes.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gpusm import __version__
-from gpusm.api.problems import PROBLEM_MEDIA_TYPE, HttpProblem, problem_for_error
+from gpusm.api.problems import HttpProblem
 from gpusm.api.routes import build_router
 from gpusm.api.security import HostGuard
 from gpusm.api.state import ApiState, CoordinatorFactory
 from gpusm.config import Config
 from gpusm.errors import GpusmError
+from gpusm.version import VERSION as __version__
+from gpusm.wire import PROBLEM_MEDIA_TYPE, problem_for_error
 
 __all__ = ["create_app", "state_of"]
 
@@ -66,7 +67,6 @@ class _Gate:
             problem: HttpProblem | None = None
             if not self.guard.allows(host):
                 problem = HttpProblem(
-                    421,
                     "misdirected-request",
                     f"Host {host!r} is not this machine; gpusm answers only requests "
                     "addressed to 127.0.0.1, localhost, [::1] or its listen address",
@@ -103,7 +103,7 @@ def _install_handlers(app: FastAPI, state: ApiState) -> None:
             for e in exc.errors()
         ]
         where = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:3])
-        problem = HttpProblem(422, "invalid-request", where or "invalid request", errors=errors)
+        problem = HttpProblem("invalid-request", where or "invalid request", errors=errors)
         return _problem(422, problem.body())
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -120,7 +120,7 @@ def _install_handlers(app: FastAPI, state: ApiState) -> None:
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         _log.error("unexpected error", exc_info=exc)
         body = HttpProblem(
-            500, "internal-error", f"internal error ({type(exc).__name__}); see the daemon's log"
+            "internal-error", f"internal error ({type(exc).__name__}); see the daemon's log"
         ).body()
         return _problem(500, body)
 
@@ -165,7 +165,7 @@ def create_app(
 ) -> FastAPI:
     """The API app for ``config``; recovery starts with its lifespan (see module docstring).
 
-    ``factory`` opens the coordinator (default ``Coordinator.from_config``); ``on_fatal``
+    ``factory`` opens the coordinator (default :func:`gpusm.wiring.open_coordinator`); ``on_fatal``
     is called from the recovery thread if that fails; ``extra_hosts`` are further
     ``Host`` names to accept (the configured listen host always is).
     """

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gpusm.coordinator import Coordinator
 from gpusm.domain.events import COORDINATOR_STREAM, RecordedEvent
 from gpusm.domain.states import State
+from gpusm.engine.coordinator import Coordinator
 from gpusm.errors import GpusmError
 from gpusm.ports import EventQuery
 from gpusm.results import PhaseResult
@@ -120,11 +120,8 @@ class _Live:
 
 
 def _oom_count(coordinator: Coordinator) -> int:
-    sim = getattr(coordinator.core.probe, "sim", None)
-    if sim is None:
-        return 0
     try:
-        return len(sim.ooms())
+        return coordinator.oom_count() or 0
     except GpusmError:
         return 0
 

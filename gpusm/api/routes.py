@@ -2,10 +2,10 @@
 
 Every POST needs the bearer token. Names in paths and bodies are looked up in the
 config; an unknown one is a 404 problem. Errors leave as problem details
-(:mod:`gpusm.api.problems`).
+(:mod:`gpusm.wire`). Answers are encoded by :func:`gpusm.wire.to_json`, and their
+OpenAPI schemas come from the same result types.
 """
 
-from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -14,30 +14,22 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from gpusm import __version__
 from gpusm.api.problems import HttpProblem
 from gpusm.api.schemas import (
     ActionRequest,
     EnsureRequest,
-    EventPage,
-    HealthModel,
     PhaseRequest,
-    PhaseResultModel,
-    PlanModel,
-    Problem,
-    ReleaseAllResponse,
     ReleaseRequest,
-    ReleaseResponse,
-    ServiceStatusModel,
     StartRequest,
-    StatusModel,
-    StopNoteModel,
 )
 from gpusm.api.security import bearer_matches
 from gpusm.api.state import ApiState
-from gpusm.coordinator import Coordinator
-from gpusm.domain.events import RecordedEvent
+from gpusm.domain.policy import Plan
+from gpusm.engine.coordinator import Coordinator
 from gpusm.ports import EventQuery
+from gpusm.results import PhaseResult, ServiceStatus, Status, StopNote
+from gpusm.version import VERSION as __version__
+from gpusm.wire import EventPage, Health, Problem, Released, ReleasedAll, to_json
 
 __all__ = ["build_router", "problem_responses"]
 
@@ -57,6 +49,7 @@ _ALWAYS = (421, 422, 500, 503)
 _WRITE = (*_ALWAYS, 400, 401, 409)
 _TIME: dict[str, Any] = {"format": "date-time"}
 _MAX_SEQ = 2**62
+Name = Annotated[str, Path(min_length=1, max_length=200)]
 
 
 def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -76,7 +69,6 @@ def _utc(value: str | None, name: str) -> datetime | None:
         return parsed.astimezone(UTC)
     except (OverflowError, ValueError) as exc:
         raise HttpProblem(
-            422,
             "invalid-request",
             f"{name}: {value!r} is not an ISO 8601 time in range, e.g. 2026-01-31T12:00Z ({exc})",
         ) from exc
@@ -88,34 +80,36 @@ def _once(*names: str) -> Any:
     async def check(request: Request) -> None:
         for name in names:
             if len(request.query_params.getlist(name)) > 1:
-                raise HttpProblem(422, "invalid-request", f"{name}: give it at most once")
+                raise HttpProblem("invalid-request", f"{name}: give it at most once")
 
     return Depends(check)
 
 
-def _event(event: RecordedEvent) -> dict[str, Any]:
-    return {
-        "seq": event.seq,
-        "stream": event.stream,
-        "version": event.version,
-        "type": event.type,
-        "at": event.at,
-        "from_state": event.from_state,
-        "to_state": event.to_state,
-        "data": dict(event.data),
-    }
+def _json(value: Any) -> Response:
+    """A result type as the JSON answer (see :func:`gpusm.wire.to_json`)."""
+    return Response(to_json(value), media_type="application/json")
 
 
-def _service(coordinator: Coordinator, name: str) -> dict[str, Any]:
+def _service(coordinator: Coordinator, name: str) -> Response:
     for svc in coordinator.status().services:
         if svc.name == name:
-            return asdict(svc)
+            return _json(svc)
     raise AssertionError(f"service {name} vanished from status")  # pragma: no cover
 
 
 def build_router(state: ApiState) -> APIRouter:
     """The API's routes, bound to ``state``."""
     router = APIRouter()
+    coord, write = _guards(state)
+    _status_routes(router, state, coord)
+    _write_routes(router, state, coord, write)
+    _query_routes(router, state, coord)
+    return router
+
+
+def _guards(state: ApiState) -> tuple[Any, dict[str, Any]]:
+    """The dependency that yields the recovered coordinator (else 503), and the route
+    options that make a route need the bearer token."""
     bearer = HTTPBearer(
         auto_error=False, description="The token from $GPUSM_TOKEN or the api-token file"
     )
@@ -125,7 +119,6 @@ def build_router(state: ApiState) -> APIRouter:
     ) -> None:
         if not bearer_matches(request.headers.get("authorization"), state.token):
             raise HttpProblem(
-                401,
                 "unauthorized",
                 "missing or wrong bearer token; send Authorization: Bearer <token> "
                 "with the token from $GPUSM_TOKEN or the daemon's api-token file",
@@ -138,63 +131,69 @@ def build_router(state: ApiState) -> APIRouter:
             raise state.unavailable()
         return found
 
-    Coord = Annotated[Coordinator, Depends(coordinator)]
-    Name = Annotated[str, Path(min_length=1, max_length=200)]
-    write: dict[str, Any] = {"dependencies": [Depends(authorized)]}
+    return Depends(coordinator), {"dependencies": [Depends(authorized)]}
 
-    @router.get("/healthz", response_model=HealthModel, tags=["daemon"])
-    async def healthz() -> dict[str, Any]:
+
+def _status_routes(router: APIRouter, state: ApiState, coord: Any) -> None:
+    Coord = Annotated[Coordinator, coord]
+
+    @router.get("/healthz", response_model=Health, tags=["daemon"])
+    async def healthz() -> Response:
         """Liveness; answers even while recovering (``status``: recovering)."""
-        error = None if state.error is None else str(state.error)
-        recovered = state.coordinator is not None
-        return {
-            "status": state.phase,
-            "recovered": recovered,
-            "version": __version__,
-            "error": error,
-        }
+        return _json(
+            Health(
+                status=state.phase,
+                recovered=state.coordinator is not None,
+                version=__version__,
+                error=None if state.error is None else str(state.error),
+            )
+        )
 
-    @router.get("/gpu/status", response_model=StatusModel, responses=problem_responses(*_ALWAYS))
+    @router.get("/gpu/status", response_model=Status, responses=problem_responses(*_ALWAYS))
     async def status(coord: Coord) -> Response:
         """Devices, services (state, pid, VRAM, leases, time in state) and leases now."""
         return Response(await state.status_json(coord), media_type="application/json")
 
+
+def _write_routes(router: APIRouter, state: ApiState, coord: Any, write: dict[str, Any]) -> None:
+    Coord = Annotated[Coordinator, coord]
+
     @router.post(
         "/gpu/phase",
-        response_model=PhaseResultModel,
+        response_model=PhaseResult,
         responses=problem_responses(*_WRITE, 404, 502, 504),
         **write,
     )
-    def phase(body: PhaseRequest, coord: Coord) -> dict[str, Any]:
+    def phase(body: PhaseRequest, coord: Coord) -> Response:
         """Enter a phase: block until exactly its services are healthy for ``client``."""
         result = coord.enter_phase(body.phase, body.client, body.timeout, body.priority)
         state.metrics.observe_phase(result)
-        return result.as_dict()
+        return _json(result)
 
     @router.post(
         "/gpu/services/{name}/ensure",
-        response_model=PhaseResultModel,
+        response_model=PhaseResult,
         responses=problem_responses(*_WRITE, 404, 502, 504),
         **write,
     )
     def ensure(
         name: Name, coord: Coord, body: Annotated[EnsureRequest | None, Body()] = None
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Make one service healthy for ``client``; its lease becomes just that service."""
         body = body or EnsureRequest()
         result = coord.ensure_service(name, body.client, body.timeout)
         state.metrics.observe_phase(result)
-        return result.as_dict()
+        return _json(result)
 
     @router.post(
         "/gpu/services/{name}/start",
-        response_model=ServiceStatusModel,
+        response_model=ServiceStatus,
         responses=problem_responses(*_WRITE, 404, 502, 504),
         **write,
     )
     def start(
         name: Name, coord: Coord, body: Annotated[StartRequest | None, Body()] = None
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Start one service without a lease; block until healthy; return its status."""
         body = body or StartRequest()
         coord.start_service(name, body.by, body.timeout)
@@ -202,56 +201,58 @@ def build_router(state: ApiState) -> APIRouter:
 
     @router.post(
         "/gpu/services/{name}/stop",
-        response_model=StopNoteModel,
+        response_model=StopNote,
         responses=problem_responses(*_WRITE, 404, 502, 504),
         **write,
     )
     def stop(
         name: Name, coord: Coord, body: Annotated[ActionRequest | None, Body()] = None
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Stop one service and wait until its VRAM is back."""
-        return asdict(coord.stop_service(name, (body or ActionRequest()).by))
+        return _json(coord.stop_service(name, (body or ActionRequest()).by))
 
     @router.post(
         "/gpu/services/{name}/reset",
-        response_model=ServiceStatusModel,
+        response_model=ServiceStatus,
         responses=problem_responses(*_WRITE, 404),
         **write,
     )
     def reset(
         name: Name, coord: Coord, body: Annotated[ActionRequest | None, Body()] = None
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Clear a service that gave up (``failed``) so it may start again."""
         coord.reset_service(name, (body or ActionRequest()).by)
         return _service(coord, name)
 
     @router.post(
         "/gpu/release",
-        response_model=ReleaseResponse,
+        response_model=Released,
         responses=problem_responses(*_WRITE),
         **write,
     )
-    def release(body: ReleaseRequest, coord: Coord) -> dict[str, Any]:
+    def release(body: ReleaseRequest, coord: Coord) -> Response:
         """Drop a client's lease; its services stay warm until their room is needed."""
         coord.release(body.client)
-        return {"client": body.client}
+        return _json(Released(body.client))
 
     @router.post(
         "/gpu/release-all",
-        response_model=ReleaseAllResponse,
+        response_model=ReleasedAll,
         responses=problem_responses(*_WRITE, 502, 504),
         **write,
     )
-    def release_all(
-        coord: Coord, body: Annotated[ActionRequest | None, Body()] = None
-    ) -> dict[str, Any]:
+    def release_all(coord: Coord, body: Annotated[ActionRequest | None, Body()] = None) -> Response:
         """Drop every lease and stop every running service."""
         notes = coord.release_all((body or ActionRequest()).by)
-        return {"stopped": [asdict(n) for n in notes]}
+        return _json(ReleasedAll(tuple(notes)))
+
+
+def _query_routes(router: APIRouter, state: ApiState, coord: Any) -> None:
+    Coord = Annotated[Coordinator, coord]
 
     @router.get(
         "/gpu/plan/{phase}",
-        response_model=PlanModel,
+        response_model=Plan,
         responses=problem_responses(*_ALWAYS, 404),
         dependencies=[_once("client", "priority")],
     )
@@ -260,9 +261,9 @@ def build_router(state: ApiState) -> APIRouter:
         coord: Coord,
         client: Annotated[str, Query(max_length=128)] = "default",
         priority: Annotated[int | None, Query(ge=-(10**9), le=10**9)] = None,
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Dry run: what entering ``phase`` would stop and start, or why it cannot fit."""
-        return asdict(coord.plan_phase(phase, client, priority))
+        return _json(coord.plan_phase(phase, client, priority))
 
     @router.get(
         "/gpu/events",
@@ -278,7 +279,7 @@ def build_router(state: ApiState) -> APIRouter:
         until: Annotated[str | None, Query(max_length=64, json_schema_extra=_TIME)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         after_seq: Annotated[int, Query(ge=0, le=_MAX_SEQ)] = 0,
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Events oldest first after ``after_seq``; ``next_after_seq`` pages on (null: no more)."""
         query = EventQuery(
             stream=service,
@@ -289,10 +290,8 @@ def build_router(state: ApiState) -> APIRouter:
             limit=limit,
         )
         found = coord.events(query)
-        return {
-            "events": [_event(e) for e in found],
-            "next_after_seq": found[-1].seq if len(found) == limit else None,
-        }
+        next_after = found[-1].seq if len(found) == limit else None
+        return _json(EventPage(tuple(found), next_after))
 
     @router.get(
         "/metrics",
@@ -306,5 +305,3 @@ def build_router(state: ApiState) -> APIRouter:
     def metrics(_: Coord) -> Response:
         """Prometheus text exposition (gauges now; counters over the whole event log)."""
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
-
-    return router

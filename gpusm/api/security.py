@@ -3,7 +3,8 @@
 * Every state-changing call needs ``Authorization: Bearer <token>``. The token comes
   from ``$GPUSM_TOKEN`` or, failing that, the token file (``api.token_file``, default
   ``<state_dir>/api-token``), created at the first ``gpusm serve`` with mode 0600.
-  Tokens are compared in constant time (``hmac.compare_digest``).
+  Tokens are compared in constant time (``hmac.compare_digest``). Reading the token
+  (:func:`gpusm.wire.read_token`) is shared with the client.
 * A request whose ``Host`` is not local (127.0.0.1, localhost, [::1] or the configured
   listen host, any port) is refused: a web page on another origin that rebinds its DNS
   name to 127.0.0.1 still sends its own name as ``Host``.
@@ -14,56 +15,21 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from gpusm.errors import ConfigError
+from gpusm.wire import read_token, read_token_file
 
 __all__ = [
     "LOCAL_HOSTS",
-    "TOKEN_ENV",
     "HostGuard",
     "bearer_matches",
     "host_of",
     "load_or_create_token",
-    "read_token",
 ]
 
-TOKEN_ENV = "GPUSM_TOKEN"
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-def _check_token_file(path: Path) -> str:
-    try:
-        info = path.stat()
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            str(path), "api.token_file", f"cannot read the API token ({exc})", "fix its permissions"
-        ) from exc
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            str(path),
-            "api.token_file",
-            f"the API token is readable by other users (mode {stat.S_IMODE(info.st_mode):04o})",
-            f"chmod 600 {path}",
-        )
-    if not text:
-        raise ConfigError(
-            str(path), "api.token_file", "the API token file is empty", f"delete {path} to renew it"
-        )
-    return text
-
-
-def read_token(path: Path | None) -> str | None:
-    """``$GPUSM_TOKEN``, else the token in ``path`` if it exists, else None."""
-    env = os.environ.get(TOKEN_ENV, "").strip()
-    if env:
-        return env
-    if path is None or not path.exists():
-        return None
-    return _check_token_file(path)
 
 
 def load_or_create_token(path: Path) -> str:
@@ -78,7 +44,7 @@ def load_or_create_token(path: Path) -> str:
             # O_EXCL: if two daemons race, exactly one writes and the other reads its token.
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            return _check_token_file(path)
+            return read_token_file(path)
     except OSError as exc:
         raise ConfigError(
             str(path), "api.token_file", f"cannot create the API token ({exc})", "check the folder"

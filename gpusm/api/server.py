@@ -1,4 +1,6 @@
-"""Running the API under uvicorn: parse ``HOST:PORT``, bind, serve until told to stop.
+"""Running the API under uvicorn: bind ``HOST:PORT``, serve until told to stop.
+
+Parsing ``HOST:PORT`` (:func:`gpusm.wire.parse_listen`) is shared with the client.
 
 The app object exists before the port is bound, and recovery starts only once uvicorn
 runs the app's lifespan, so the daemon answers ``/healthz`` (and 503 elsewhere) while
@@ -9,45 +11,21 @@ from __future__ import annotations
 
 import errno
 import socket
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gpusm.errors import ConfigError, GpusmError
+from gpusm.errors import GpusmError
+from gpusm.wire import Listen
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     import uvicorn
     from fastapi import FastAPI
 
-__all__ = ["Listen", "bind", "bound_port", "make_server", "parse_listen"]
+    # The server type, for modules outside ``api/`` that hold one (``gpusm serve``).
+    Server: TypeAlias = uvicorn.Server
 
-
-@dataclass(frozen=True)
-class Listen:
-    """Where to listen: a host (name or address, no brackets) and a port (0 = any free)."""
-
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        """The base URL a local client uses (a wildcard address becomes loopback)."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
-
-
-def parse_listen(value: str, source: str = "api.listen") -> Listen:
-    """``HOST:PORT`` or ``[IPv6]:PORT``; ConfigError naming ``source`` if malformed."""
-    text = value.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":") if rest.startswith(":") else ""
-    else:
-        host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(
-            source, "", f"{value!r} is not HOST:PORT", "write e.g. 127.0.0.1:7723 or [::1]:7723"
-        )
-    return Listen(host, int(port))
+__all__ = ["bind", "bound_port", "make_server"]
 
 
 def bind(listen: Listen) -> socket.socket:
@@ -75,7 +53,7 @@ def bind(listen: Listen) -> socket.socket:
 
 def make_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
     """A uvicorn server for ``app`` (no access log; bounded graceful shutdown)."""
-    # Imported here: workers that only parse addresses (gpusm.Client) never load uvicorn.
+    # Imported here: building the app (e.g. for its OpenAPI document) needs no uvicorn.
     import uvicorn
 
     config = uvicorn.Config(

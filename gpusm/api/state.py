@@ -1,6 +1,6 @@
 """What one API app holds: the config, the token, and the coordinator once it has recovered.
 
-Recovery (``Coordinator.from_config``: lock, replay, observe, reconcile) runs in a
+Recovery (:func:`gpusm.wiring.open_coordinator`: lock, replay, observe, reconcile) runs in a
 background thread started by the app's lifespan, so the port is answering (503 with
 ``Retry-After``) while it runs. If it fails, :attr:`ApiState.error` says why and
 ``on_fatal`` is called (``gpusm serve`` then shuts the server down).
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -20,8 +19,9 @@ import anyio.to_thread
 from gpusm.api.metrics import Metrics
 from gpusm.api.problems import HttpProblem
 from gpusm.config import Config
-from gpusm.coordinator import Coordinator
+from gpusm.engine.coordinator import Coordinator
 from gpusm.errors import GpusmError
+from gpusm.wire import to_json
 
 __all__ = ["ApiState", "CoordinatorFactory"]
 
@@ -30,11 +30,13 @@ _log = logging.getLogger("gpusm.api")
 
 
 def _status_json(coordinator: Coordinator) -> bytes:
-    return json.dumps(coordinator.status().as_dict(), separators=(",", ":")).encode()
+    return to_json(coordinator.status())
 
 
 def _default_factory(config: Config) -> Coordinator:
-    return Coordinator.from_config(config)
+    from gpusm.wiring import open_coordinator
+
+    return open_coordinator(config)
 
 
 class ApiState:
@@ -94,14 +96,13 @@ class ApiState:
         """The 503 problem to answer while there is no coordinator to serve."""
         if self._closing:
             return HttpProblem(
-                503, "stopping", "the gpusm daemon is shutting down", {"Retry-After": "1"}
+                "stopping", "the gpusm daemon is shutting down", {"Retry-After": "1"}
             )
         if self.error is not None:
             return HttpProblem(
-                503, "recovery-failed", f"recovery failed: {self.error}; the daemon is stopping"
+                "recovery-failed", f"recovery failed: {self.error}; the daemon is stopping"
             )
         return HttpProblem(
-            503,
             "recovering",
             "the gpusm daemon is recovering (replay, observe, reconcile); retry shortly",
             {"Retry-After": "1"},

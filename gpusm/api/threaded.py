@@ -12,10 +12,11 @@ from types import TracebackType
 from typing import Any
 
 from gpusm.api.app import create_app, state_of
-from gpusm.api.server import Listen, bind, bound_port, make_server
+from gpusm.api.server import bind, bound_port, make_server
 from gpusm.api.state import ApiState
 from gpusm.config import Config
 from gpusm.errors import GpusmError
+from gpusm.wire import Listen
 
 __all__ = ["ThreadedServer"]
 

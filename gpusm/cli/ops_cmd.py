@@ -88,7 +88,7 @@ class Verbs(Protocol):
 @contextmanager
 def connect(cfg: Config, *, starts_services: bool = False) -> Iterator[Verbs]:
     """The daemon's client if one answers, else an in-process coordinator (see module doc)."""
-    from gpusm.coordinator import Coordinator
+    from gpusm.engine.coordinator import Coordinator
 
     url = daemon_url(cfg.api.listen)
     if find_daemon(url) is not None:
@@ -378,7 +378,7 @@ def plan(
 
 def doctor(config: ConfigOption = None) -> None:
     """Check the set-up: config, GPU, Docker, database, API port, token. Exit 1 if any fails."""
-    from gpusm.api.doctor import run_checks
+    from gpusm.cli.doctor import run_checks
 
     results = run_checks(config)
     for check in results:

@@ -28,7 +28,7 @@ from gpusm.cli.common import (
 from gpusm.errors import GpusmError
 
 if TYPE_CHECKING:
-    import uvicorn
+    from gpusm.api.server import Server
 
 __all__ = ["register", "serve"]
 
@@ -50,8 +50,9 @@ def serve(
 ) -> None:
     """Run the daemon: HTTP API, metrics, and the coordinator (recovers in the background)."""
     from gpusm.api.app import create_app
-    from gpusm.api.security import TOKEN_ENV, load_or_create_token
-    from gpusm.api.server import bind, bound_port, make_server, parse_listen
+    from gpusm.api.security import load_or_create_token
+    from gpusm.api.server import bind, bound_port, make_server
+    from gpusm.wire import TOKEN_ENV, parse_listen
 
     cfg = load(config)
     with friendly_errors():
@@ -60,7 +61,7 @@ def serve(
     if log_level not in _LOG_LEVELS:
         fail(f"--log-level: {log_level!r} is not a log level", EXIT_CONFIG)
     fatal: list[BaseException] = []
-    servers: list[uvicorn.Server] = []
+    servers: list[Server] = []
 
     def on_fatal(exc: BaseException) -> None:
         # Called from the recovery thread: record why, and make uvicorn shut down.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from seed_helpers import free_port, write_config
-from seed_helpers import seed_config as base_seed_config
+from tests.seed_helpers import free_port, write_config
+from tests.seed_helpers import seed_config as base_seed_config
 
 __all__ = ["TOKEN", "free_port", "seed_config", "write_config"]
 

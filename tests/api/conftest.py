@@ -8,10 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import TOKEN, seed_config, write_config
 
 from gpusm.api.threaded import ThreadedServer
 from gpusm.config import load_config
+from tests.api.api_helpers import TOKEN, seed_config, write_config
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
+from tests.support import eventually
 
 
 class Daemon:
@@ -32,17 +32,21 @@ class Daemon:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until /healthz says ok (recovery finished)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready_or_exited() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"gpusm serve exited: {self.log.read_text()}")
+                return True
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).json()["status"] == "ok":
-                    return
+                return bool(httpx.get(f"{self.url}/healthz", timeout=1).json()["status"] == "ok")
             except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"gpusm serve not ready in {timeout} s: {self.log.read_text()}")
+                return False
+
+        try:
+            eventually(ready_or_exited, timeout, "gpusm serve to be ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.log.read_text()}") from None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gpusm serve exited: {self.log.read_text()}")
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait, and stop whatever services are left; returns the exit code."""

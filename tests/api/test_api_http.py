@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import TOKEN, free_port, seed_config, write_config
 
 from gpusm.api.threaded import ThreadedServer
+from tests.api.api_helpers import TOKEN, free_port, seed_config, write_config
 
 Serve = Callable[..., ThreadedServer]
 PROBLEM = "application/problem+json"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import TOKEN, free_port, seed_config, write_config
 
 from gpusm.api.threaded import ThreadedServer
 from gpusm.client import Client, daemon_url, find_daemon
@@ -17,6 +16,7 @@ from gpusm.domain.policy import Plan
 from gpusm.errors import GpusmError, InsufficientVram, RequestTimeout, UnknownName
 from gpusm.ports import EventQuery
 from gpusm.results import PhaseResult, Status, StopNote
+from tests.api.api_helpers import TOKEN, free_port, seed_config, write_config
 
 Serve = Callable[..., ThreadedServer]
 

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_helpers import TOKEN, seed_config, write_config
-from daemon_proc import Daemon
 
 from gpusm.client import Client, daemon_url
+from tests.api.api_helpers import TOKEN, seed_config, write_config
+from tests.api.daemon_proc import Daemon
 
 READERS = 100
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import TOKEN, seed_config, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpusm.api.metrics import METRIC_NAMES, Metrics
@@ -17,6 +16,7 @@ from gpusm.api.threaded import ThreadedServer
 from gpusm.domain.events import RecordedEvent
 from gpusm.errors import SimOutOfMemory
 from gpusm.gpu.sim import SimGpu
+from tests.api.api_helpers import TOKEN, seed_config, write_config
 
 Serve = Callable[..., ThreadedServer]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -9,14 +9,14 @@ from unittest import mock
 
 import httpx
 import pytest
-from api_helpers import TOKEN
 
+from gpusm import Coordinator
 from gpusm.api.threaded import ThreadedServer
 from gpusm.client import Client
 from gpusm.config import Config
-from gpusm.coordinator import Coordinator
 from gpusm.errors import CoordinatorBusy, GpusmError
 from gpusm.lock import StateDirLock
+from tests.api.api_helpers import TOKEN
 
 Serve = Callable[..., ThreadedServer]
 

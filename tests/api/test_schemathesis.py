@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import schemathesis
-from api_helpers import TOKEN, seed_config, write_config
 from hypothesis import HealthCheck, settings
 
 from gpusm.api.app import create_app
 from gpusm.api.threaded import ThreadedServer
 from gpusm.config import load_config, parse_config
+from tests.api.api_helpers import TOKEN, seed_config, write_config
 
 # The spec does not depend on the config, and building the app opens nothing.
 SPEC = create_app(parse_config({}), token=TOKEN).openapi()

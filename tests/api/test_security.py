@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gpusm.api.security import (
-    HostGuard,
-    bearer_matches,
-    host_of,
-    load_or_create_token,
-    read_token,
-)
+from gpusm.api.security import HostGuard, bearer_matches, host_of, load_or_create_token
 from gpusm.errors import ConfigError
+from gpusm.wire import read_token
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,9 @@ import socket
 
 import pytest
 
-from gpusm.api.server import Listen, bind, bound_port, parse_listen
+from gpusm.api.server import bind, bound_port
 from gpusm.errors import ConfigError, GpusmError
+from gpusm.wire import Listen, parse_listen
 
 
 @pytest.mark.parametrize(

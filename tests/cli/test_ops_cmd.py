@@ -16,10 +16,10 @@ import typer
 import yaml
 from typer.testing import CliRunner, Result
 
+from gpusm import Coordinator
 from gpusm.api.threaded import ThreadedServer
 from gpusm.cli.ops_cmd import register
 from gpusm.config import load_config
-from gpusm.coordinator import Coordinator
 
 TOKEN = "cli-test-token"
 # name: (vram MiB, priority)

@@ -3,6 +3,8 @@
 Config valid; GPU readable (NVML, or the simulated GPU); Docker reachable (only if a
 docker service is configured); event database migrated; API port free or a daemon
 answering; token readable. Each check says how to fix what it finds wrong.
+
+Adapters come from :mod:`gpusm.wiring`, as everywhere else; the doctor builds none itself.
 """
 
 from __future__ import annotations
@@ -11,11 +13,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpusm.api.server import bind
 from gpusm.client import daemon_url, find_daemon
 from gpusm.config import Config, find_config_path, load_config
 from gpusm.errors import ConfigError, GpusmError
+from gpusm.wire import TOKEN_ENV, parse_listen, read_token
+from gpusm.wiring import build_probe, build_runtimes, store_revision
 
 __all__ = ["Check", "run_checks"]
+
+# The file a simulated GPU keeps its state in (gpusm.gpu.sim); present once it exists.
+_SIM_STATE = "state.json"
 
 
 @dataclass(frozen=True)
@@ -29,11 +37,9 @@ class Check:
 
 
 def _check_gpu(cfg: Config) -> Check:
-    from gpusm.gpu.sim import SimGpu
-    from gpusm.wiring import build_probe
-
     if cfg.gpu.backend == "sim":
-        where = "exists" if SimGpu.exists(cfg.sim_dir) else "created at first start"
+        found = (cfg.sim_dir / _SIM_STATE).is_file()
+        where = "exists" if found else "created at first start"
         return Check("GPU", True, f"simulated GPU at {cfg.sim_dir} ({where})")
     try:
         probe = build_probe(cfg)
@@ -52,37 +58,33 @@ def _check_gpu(cfg: Config) -> Check:
 def _check_docker(cfg: Config) -> Check:
     if not any(s.runtime == "docker" for s in cfg.services.values()):
         return Check("Docker", True, "not needed (no docker services configured)")
-    from gpusm.runtimes.docker import DockerRuntime
-
-    runtime = DockerRuntime()
     try:
-        runtime.find_orphans()
+        runtimes = build_runtimes(cfg)
+    except GpusmError as exc:
+        return Check("Docker", False, str(exc), "check the services' runtime:")
+    try:
+        runtimes["docker"].find_orphans()
     except GpusmError as exc:
         return Check("Docker", False, str(exc), "start dockerd, or set DOCKER_HOST")
     finally:
-        runtime.close()
+        for runtime in runtimes.values():
+            runtime.close()
     return Check("Docker", True, "the Docker engine answers")
 
 
 def _check_database(cfg: Config) -> Check:
-    from gpusm.store.sql import SqlEventStore
-
     url = cfg.database_url
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
     if path is not None and not Path(path).exists():
         return Check("database", True, f"{path} not created yet; `gpusm serve` creates it")
     try:
-        store = SqlEventStore(url, upgrade=False)
-        revision = store.settings()["schema_revision"]
-        store.close()
+        revision = store_revision(cfg)
     except GpusmError as exc:
         return Check("database", False, str(exc), "run `gpusm db upgrade`")
     return Check("database", True, f"{url} at schema revision {revision} (newest)")
 
 
 def _check_api(cfg: Config, health: dict[str, object] | None) -> Check:
-    from gpusm.api.server import bind, parse_listen
-
     url = daemon_url(cfg.api.listen)
     if health is not None:
         return Check("API", True, f"daemon answering at {url} ({health.get('status')})")
@@ -94,8 +96,6 @@ def _check_api(cfg: Config, health: dict[str, object] | None) -> Check:
 
 
 def _check_token(cfg: Config, health: dict[str, object] | None) -> Check:
-    from gpusm.api.security import TOKEN_ENV, read_token
-
     path = cfg.token_path
     try:
         token = read_token(path)
