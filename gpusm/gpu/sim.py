@@ -29,8 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from gpusm import procs
 from gpusm.errors import GpuProbeError, SimOutOfMemory
 from gpusm.ports import DeviceSnapshot
 
@@ -43,9 +42,9 @@ _LOCK = "lock"
 _FORMAT = 1
 # Keep the file small however long a test hammers it: only the newest OOMs are kept.
 _MAX_OOM_RECORDS = 1000
-# psutil derives create_time from boot time + start ticks; JSON round-trips floats exactly,
-# this only absorbs the rounding of two computations of the same value.
-_CREATE_TIME_TOLERANCE_S = 1e-3
+# Create times derive from boot time + start ticks; JSON round-trips floats exactly, the
+# tolerance only absorbs the rounding of two computations of the same value.
+_CREATE_TIME_TOLERANCE_S = procs.CREATE_TIME_TOLERANCE_S
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,7 @@ class SimAllocation:
 
 def _start_time(pid: int) -> float | None:
     """Create time of a live, non-zombie process; None if there is none."""
-    try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return proc.create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None
+    return procs.live_create_time(pid)
 
 
 def _process_identity(pid: int) -> tuple[float, list[str]] | None:
@@ -82,12 +74,9 @@ def _process_identity(pid: int) -> tuple[float, list[str]] | None:
     create_time = _start_time(pid)
     if create_time is None:
         return None
-    try:
-        cmdline = psutil.Process(pid).cmdline()
-    except psutil.Error:
-        # Another user's process, or it died just now: the create time is what counts.
-        cmdline = []
-    return create_time, cmdline
+    # An empty argv (another user's process, or it died just now) is fine: the create
+    # time is what counts.
+    return create_time, procs.cmdline(pid)
 
 
 def _same_process(record: dict[str, Any], create_time: float | None) -> bool:
@@ -396,6 +385,9 @@ class SimGpu:
 class SimProbe:
     """The :class:`~gpusm.ports.GpuProbe` of a simulated GPU: one device, index 0."""
 
+    # The simulated GPU's accounting is exact.
+    slack_mib = 0
+
     def __init__(self, sim: SimGpu) -> None:
         self.sim = sim
 
@@ -410,6 +402,10 @@ class SimProbe:
                 f"no GPU {device!r}: the simulated GPU is index 0, uuid {self.sim.uuid}"
             )
         return self.sim.snapshot()
+
+    def oom_count(self) -> int | None:
+        """Allocations the simulated GPU refused since it was created."""
+        return len(self.sim.ooms())
 
     def close(self) -> None:
         """Nothing to release; idempotent."""

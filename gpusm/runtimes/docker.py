@@ -22,13 +22,13 @@ from urllib.parse import urlsplit
 
 import docker
 import docker.errors
-import psutil
 from docker.types import DeviceRequest
 
+from gpusm import procs
 from gpusm.clock import SystemClock
-from gpusm.config import ServiceConfig
+from gpusm.config import DockerServiceConfig, ServiceConfig
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed, ServiceStopFailed
-from gpusm.ports import Clock, Handle, StopResult
+from gpusm.ports import Clock, Handle, Runtime, StopResult
 
 __all__ = ["LABEL_INSTANCE", "LABEL_SERVICE", "RUNTIME_ENV", "DockerRuntime", "container_name"]
 
@@ -38,7 +38,7 @@ RUNTIME_ENV = "GPUSM_RUNTIME"
 # How long a container may take to vanish after SIGKILL before the stop counts as failed.
 _KILL_WAIT_S = 10.0
 _DEFAULT_HOST = "unix:///var/run/docker.sock"
-# Two psutil readings of one process's create time agree far closer than this.
+# Two readings of one process's create time agree far closer than this.
 _CREATE_TIME_TOLERANCE_S = 0.01
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1", "::"}
 
@@ -69,7 +69,9 @@ class DockerRuntime:
         extra_env: Mapping[str, str] | None = None,
         extra_labels: Mapping[str, str] | None = None,
         clock: Clock | None = None,
+        kind: str = "docker",
     ) -> None:
+        self.kind = kind
         self._factory: Callable[[], Any] = client_factory or _client_from_env
         self._client: Any = None
         self._bind_ip = default_bind_ip
@@ -85,6 +87,12 @@ class DockerRuntime:
         be free first. With ``pull: true`` a missing image is pulled; a local one is used.
         """
         name = service.name
+        if not isinstance(service, DockerServiceConfig):
+            raise ServiceStartFailed(
+                name,
+                f"it is a {service.runtime!r} service, not a docker one; the runtime "
+                f"{self.kind!r} runs only services with runtime: docker",
+            )
         image = service.image or ""
         kwargs = self._create_kwargs(service, instance)
         self._check_ports_free(service)
@@ -109,8 +117,9 @@ class DockerRuntime:
             service=name,
             instance=instance,
             pid=pid,
-            create_time=_create_time(pid),
+            create_time=procs.create_time(pid),
             container_id=str(container.id),
+            kind=self.kind,
         )
 
     def is_alive(self, handle: Handle) -> bool:
@@ -169,7 +178,7 @@ class DockerRuntime:
             return {int(row[0]) for row in top.get("Processes") or []}
         except docker.errors.APIError:
             # The engine runs `ps` on the host for top; without it, walk the process tree.
-            return _descendants(int(container.attrs["State"].get("Pid") or 0))
+            return procs.tree_pids(int(container.attrs["State"].get("Pid") or 0))
         except OSError as exc:
             self._fail(exc, handle.service, ServiceRuntimeError, "list processes of")
 
@@ -196,8 +205,9 @@ class DockerRuntime:
                     service=labels[LABEL_SERVICE],
                     instance=labels[LABEL_INSTANCE],
                     pid=pid,
-                    create_time=_create_time(pid),
+                    create_time=procs.create_time(pid),
                     container_id=str(container.id),
+                    kind=self.kind,
                 )
             )
         return handles
@@ -214,15 +224,41 @@ class DockerRuntime:
             )
         self._remove(container, handle, force=False)
 
-    def logs_tail(self, handle: Handle, lines: int = 40) -> str:
-        """The last ``lines`` of the container's output, for error messages ('' if gone)."""
-        # Only used to decorate another error: never replace that one with a new one.
+    def exit_code(self, handle: Handle) -> int | None:
+        """The container's exit status once it stopped running; never raises.
+
+        None while it runs, once it is removed (``stop`` removes it), or when the
+        engine cannot be asked. Docker reports death by a signal as 128 + the signal
+        number, like a shell, and cannot tell it from a program exiting with that code,
+        so the status is returned as Docker gives it (never negative).
+        """
+        try:
+            container = self._find(handle, ServiceRuntimeError)
+        except ServiceRuntimeError:
+            return None
+        if container is None:
+            return None
+        state = container.attrs["State"]
+        if state.get("Running"):
+            return None
+        code = state.get("ExitCode")
+        return None if code is None else int(code)
+
+    def log_tail(self, handle: Handle, lines: int = 20) -> str:
+        """The last ``lines`` lines of the container's output; never raises.
+
+        "" once the container is removed, when it wrote nothing, or when the engine
+        cannot be asked.
+        """
+        # Often used to decorate another error: never replace that one with a new one.
+        if lines <= 0:
+            return ""
         try:
             container = self._find(handle, ServiceRuntimeError)
             raw = b"" if container is None else container.logs(tail=lines)
         except (ServiceRuntimeError, docker.errors.DockerException, OSError):
             return ""
-        return bytes(raw).decode("utf-8", "replace")
+        return "\n".join(bytes(raw).decode("utf-8", "replace").splitlines()[-lines:])
 
     def close(self) -> None:
         """Close the engine connection; idempotent. A later call reconnects."""
@@ -268,7 +304,7 @@ class DockerRuntime:
         mine = (labels.get(LABEL_SERVICE), labels.get(LABEL_INSTANCE))
         return container if mine == (handle.service, handle.instance) else None
 
-    def _create_kwargs(self, service: ServiceConfig, instance: str) -> dict[str, Any]:
+    def _create_kwargs(self, service: DockerServiceConfig, instance: str) -> dict[str, Any]:
         env = {
             **self._extra_env,
             **service.env,
@@ -315,7 +351,7 @@ class DockerRuntime:
             bindings.setdefault(f"{container}/{proto}", []).append((ip, host))
         return bindings
 
-    def _check_ports_free(self, service: ServiceConfig) -> None:
+    def _check_ports_free(self, service: DockerServiceConfig) -> None:
         """Fail before creating anything if a host port the service needs is taken.
 
         A busy health port is dangerous even with host networking: the check would talk
@@ -355,7 +391,7 @@ class DockerRuntime:
                         ) from None
                     # Anything else (e.g. a privileged port) is for the engine to judge.
 
-    def _pull(self, client: Any, service: ServiceConfig) -> None:
+    def _pull(self, client: Any, service: DockerServiceConfig) -> None:
         try:
             client.images.pull(service.image)
         except (docker.errors.DockerException, OSError) as exc:
@@ -482,10 +518,10 @@ def _runs_instance(container: Any, handle: Handle) -> bool:
     if handle.pid is None or handle.create_time is None:
         return True
     pid = int(state.get("Pid") or 0)
-    now = _create_time(pid)
+    now = procs.create_time(pid or None)
     # `now` is None when the engine's pids are not visible here (a remote engine).
     return pid == handle.pid and (
-        now is None or abs(now - handle.create_time) < _CREATE_TIME_TOLERANCE_S
+        now is None or procs.same_create_time(now, handle.create_time, _CREATE_TIME_TOLERANCE_S)
     )
 
 
@@ -494,21 +530,4 @@ def _explain(exc: BaseException) -> str:
     return str(explanation or exc)
 
 
-def _create_time(pid: int | None) -> float | None:
-    """Create time of a host pid (None when the engine is remote or the pid is gone)."""
-    if not pid:
-        return None
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return None
-
-
-def _descendants(pid: int) -> set[int]:
-    if not pid:
-        return set()
-    try:
-        root = psutil.Process(pid)
-        return {pid} | {p.pid for p in root.children(recursive=True)}
-    except psutil.Error:
-        return set()
+_: type[Runtime] = DockerRuntime  # mypy checks that it implements the port

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from gpusm.clock import SystemClock
 from gpusm.errors import ServiceStartFailed
-from gpusm.ports import Clock, Handle, StopResult
+from gpusm.ports import Clock, Handle, Runtime, StopResult
 
 if TYPE_CHECKING:
     from gpusm.config import ServiceConfig
@@ -38,8 +38,9 @@ class FakeProcess:
     config: ServiceConfig
     children: list[int] = field(default_factory=list)
     exit_code: int | None = None
-    # Monotonic time at which it exits by itself (``crash_after_s``), if ever.
+    # Monotonic time at which it exits by itself (``crash_after_s``), if ever, and how.
     exits_at: float | None = None
+    exits_with: int = 1
 
     @property
     def alive(self) -> bool:
@@ -78,13 +79,21 @@ class MemoryRuntime:
     - ``term_delay_s``: per service, how long it takes to exit after SIGTERM.
     - ``children``: per service, how many child processes a start also creates.
     - ``crash_after_s``: per service, seconds (on the clock) after which an instance
-      exits by itself with code 1; noticed whenever the runtime is next asked.
+      exits by itself; noticed whenever the runtime is next asked.
+    - ``crash_exit_code``: per service, the code such an exit ends with (default 1).
     - ``on_start(handle, config)`` / ``on_exit(handle)``: called when an instance
       starts and when it ends (stop, kill), e.g. to make a fake GPU allocate and free.
-    - ``logs``: per service, what ``log_tail`` returns.
+    - ``logs``: per service, what every instance of it wrote (``log_tail``'s source).
     """
 
-    def __init__(self, clock: Clock | None = None, *, _machine: _Machine | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        *,
+        kind: str = "memory",
+        _machine: _Machine | None = None,
+    ) -> None:
+        self.kind = kind
         self.clock: Clock = clock or SystemClock()
         self._machine = _machine or _Machine()
         self.fail_next_start: Exception | None = None
@@ -92,6 +101,7 @@ class MemoryRuntime:
         self.term_delay_s: dict[str, float] = {}
         self.children: dict[str, int] = {}
         self.crash_after_s: dict[str, float] = {}
+        self.crash_exit_code: dict[str, int] = {}
         self.on_start: Callable[[Handle, ServiceConfig], None] | None = None
         self.on_exit: Callable[[Handle], None] | None = None
         self.logs: dict[str, str] = {}
@@ -100,7 +110,7 @@ class MemoryRuntime:
 
     def reopen(self) -> MemoryRuntime:
         """A new runtime on the same fake machine (as a restarted coordinator would see it)."""
-        return MemoryRuntime(self.clock, _machine=self._machine)
+        return MemoryRuntime(self.clock, kind=self.kind, _machine=self._machine)
 
     # ------------------------------------------------------------ the Runtime port
     def start(self, service: ServiceConfig, instance: str) -> Handle:
@@ -118,11 +128,13 @@ class MemoryRuntime:
                 instance=instance,
                 pid=pid,
                 create_time=self.clock.now().timestamp(),
+                kind=self.kind,
             )
             children = [m.new_pid() for _ in range(self.children.get(service.name, 0))]
             proc = FakeProcess(handle, service, children)
             if service.name in self.crash_after_s:
                 proc.exits_at = self.clock.monotonic() + self.crash_after_s[service.name]
+                proc.exits_with = self.crash_exit_code.get(service.name, 1)
             m.procs[pid] = proc
         self.started.append(handle)
         if self.on_start is not None:
@@ -173,17 +185,18 @@ class MemoryRuntime:
 
     def exit_code(self, handle: Handle) -> int | None:
         """How the instance ended (negative: by that signal); None while it runs."""
-        with self._machine.lock:
-            proc = self._machine.procs.get(handle.pid or -1)
-        return (
-            None
-            if proc is None or proc.handle.create_time != handle.create_time
-            else proc.exit_code
-        )
+        self._expire()
+        proc = self._known(handle)
+        return None if proc is None else proc.exit_code
 
-    def log_tail(self, service: str, lines: int = 20) -> str:
-        """The last ``lines`` lines of ``logs[service]``."""
-        return "\n".join(self.logs.get(service, "").splitlines()[-lines:])
+    def log_tail(self, handle: Handle, lines: int = 20) -> str:
+        """The last ``lines`` lines of ``logs[service]``; "" for an instance never started."""
+        if lines <= 0 or self._known(handle) is None:
+            return ""
+        return "\n".join(self.logs.get(handle.service, "").splitlines()[-lines:])
+
+    def close(self) -> None:
+        """Nothing to release (the fake instances keep running); idempotent."""
 
     def pid_alive(self, pid: int) -> bool:
         """Whether a fake pid (top or child) belongs to a live instance."""
@@ -196,12 +209,18 @@ class MemoryRuntime:
         return self.find_orphans()
 
     def _find(self, handle: Handle) -> FakeProcess | None:
+        """The live fake instance ``handle`` names, if any."""
         self._expire()
+        proc = self._known(handle)
+        return proc if proc is not None and proc.alive else None
+
+    def _known(self, handle: Handle) -> FakeProcess | None:
+        """The fake instance ``handle`` names (pid and create time), live or ended."""
         with self._machine.lock:
             proc = self._machine.procs.get(handle.pid or -1)
-            if proc is None or not proc.alive or proc.handle.create_time != handle.create_time:
-                return None
-            return proc
+        if proc is None or proc.handle.create_time != handle.create_time:
+            return None
+        return proc
 
     def _expire(self) -> None:
         now = self.clock.monotonic()
@@ -212,7 +231,7 @@ class MemoryRuntime:
                 if p.alive and p.exits_at is not None and p.exits_at <= now
             ]
         for proc in due:
-            self._end(proc, 1)
+            self._end(proc, proc.exits_with)
 
     def _end(self, proc: FakeProcess, exit_code: int) -> None:
         with self._machine.lock:
@@ -221,3 +240,6 @@ class MemoryRuntime:
             proc.exit_code = exit_code
         if self.on_exit is not None:
             self.on_exit(proc.handle)
+
+
+_: type[Runtime] = MemoryRuntime  # mypy checks that it implements the port

@@ -1,13 +1,14 @@
 """Native runtime: services as local processes, each in its own session and process group.
 
-This is the only module that signals pids. A service's identity is its pid *and* the
-process create time (from psutil), so a pid the kernel reused for something else is
-never mistaken for ours and never signalled.
+A service's identity is its pid *and* the process create time (read through
+:mod:`gpusm.procs`, the one module that talks to the OS about processes), so a pid the
+kernel reused for something else is never mistaken for ours and never signalled.
 
-- ``start`` runs ``ServiceConfig.command`` (``{python}`` in any argument becomes
+- ``start`` runs ``NativeServiceConfig.command`` (``{python}`` in any argument becomes
   ``sys.executable``) in ``cwd`` with ``os.environ`` + ``extra_env`` + ``service.env`` +
   the markers ``GPUSM_SERVICE``/``GPUSM_INSTANCE``, in a new session; stdout and
-  stderr are appended to ``<log_dir>/<service>.log``.
+  stderr are appended to ``<log_dir>/<service>.log``, after a header line naming the
+  instance, so that ``log_tail`` can tell the instances of one service apart.
 - Logs are bounded simply: at each start, a log larger than ``log_max_bytes`` is
   renamed to ``<service>.log.1`` (replacing the previous one) and a new one begun. A
   single run can therefore grow a log past the bound; the next start cuts it.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,15 +35,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-import psutil
-
+from gpusm import procs
+from gpusm.config import NativeServiceConfig
 from gpusm.errors import ServiceStartFailed, ServiceStopFailed
-from gpusm.ports import Handle, StopResult
+from gpusm.ports import Handle, Runtime, StopResult
+from gpusm.procs import Proc
 
 if TYPE_CHECKING:
     from gpusm.config import ServiceConfig
 
-__all__ = ["INSTANCE_ENV", "SERVICE_ENV", "NativeRuntime", "kill_tree"]
+__all__ = ["INSTANCE_ENV", "SERVICE_ENV", "NativeRuntime"]
 
 SERVICE_ENV = "GPUSM_SERVICE"
 INSTANCE_ENV = "GPUSM_INSTANCE"
@@ -49,10 +52,12 @@ INSTANCE_ENV = "GPUSM_INSTANCE"
 _POLL_S = 0.02
 # How long SIGKILLed processes may take to disappear before the stop counts as failed.
 _KILL_WAIT_S = 5.0
-# Create times come from /proc in clock ticks; equal processes agree far closer than this.
-_CREATE_TIME_TOLERANCE = 1e-3
 # Finished children whose exit codes stay readable.
 _KEEP_FINISHED = 64
+# How much of the end of a log ``log_tail`` reads.
+_TAIL_BYTES = 64 * 1024
+# The line ``start`` writes before an instance's output; group 1 is the instance id.
+_HEADER = re.compile(r"^--- gpusm: \S+ starting instance (\S+): ")
 
 # Popen objects of the children this OS process launched, by pid. Module-level on
 # purpose: parenthood belongs to the process, not to a runtime object, so a new
@@ -76,7 +81,9 @@ class NativeRuntime:
         extra_env: Mapping[str, str] | None = None,
         log_max_bytes: int = 10 * 1024 * 1024,
         marker_filter: Callable[[Mapping[str, str]], bool] | None = None,
+        kind: str = "native",
     ) -> None:
+        self.kind = kind
         self.log_dir = Path(log_dir)
         self.extra_env = dict(extra_env or {})
         self.log_max_bytes = log_max_bytes
@@ -86,6 +93,12 @@ class NativeRuntime:
     def start(self, service: ServiceConfig, instance: str) -> Handle:
         """Launch ``service`` as instance ``instance``; ServiceStartFailed if it cannot run."""
         name = service.name
+        if not isinstance(service, NativeServiceConfig):
+            raise ServiceStartFailed(
+                name,
+                f"it is a {service.runtime!r} service, not a native one; the runtime "
+                f"{self.kind!r} runs only services with runtime: native",
+            )
         if not service.command:
             raise ServiceStartFailed(name, "no command to run; set services.<name>.command")
         argv = [arg.replace("{python}", sys.executable) for arg in service.command]
@@ -126,9 +139,16 @@ class NativeRuntime:
             log.close()
         # The child cannot be reaped before we read it (we hold its Popen), so even a
         # child that exits at once still has its create time readable.
-        create_time = psutil.Process(proc.pid).create_time()
+        create_time = procs.create_time(proc.pid)
+        if create_time is None:  # cannot happen while we hold it unreaped; be safe anyway
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            raise ServiceStartFailed(name, f"cannot read the create time of pid {proc.pid}")
         _remember(proc, create_time)
-        return Handle(service=name, instance=instance, pid=proc.pid, create_time=create_time)
+        return Handle(
+            service=name, instance=instance, pid=proc.pid, create_time=create_time, kind=self.kind
+        )
 
     def _open_log(self, service: str) -> BinaryIO:
         try:
@@ -147,16 +167,38 @@ class NativeRuntime:
         """Where the output of ``service`` goes."""
         return self.log_dir / f"{service}.log"
 
-    def log_tail(self, service: str, lines: int = 20) -> str:
-        """The last ``lines`` lines of the service's log ("" if there is none)."""
+    def log_tail(self, handle: Handle, lines: int = 20) -> str:
+        """The last ``lines`` lines the instance wrote to its service's log; never raises.
+
+        Only the end of the log is read. The lines are those after the instance's
+        header line, up to the next instance's; if the end of the log holds no header
+        at all (a long output), it is all the latest instance's and is returned. ""
+        when the instance wrote nothing, or its lines cannot be found or read.
+        """
+        if lines <= 0:
+            return ""
         try:
-            with self.log_path(service).open("rb") as f:
+            with self.log_path(handle.service).open("rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 64 * 1024))
+                f.seek(max(0, f.tell() - _TAIL_BYTES))
                 data = f.read()
         except OSError:
             return ""
-        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+        text = data.decode(errors="replace").splitlines()
+        if not any(_HEADER.match(line) for line in text):
+            return "\n".join(text[-lines:])
+        mine: list[str] = []
+        ours = False  # lines before the first header belong to an unknown instance
+        for line in text:
+            header = _HEADER.match(line)
+            if header is None:
+                if ours:
+                    mine.append(line)
+                continue
+            ours = header.group(1) == handle.instance
+            if ours:
+                mine = []  # the instance id was started again: its newest run counts
+        return "\n".join(mine[-lines:])
 
     # ------------------------------------------------------------ watch
     def is_alive(self, handle: Handle) -> bool:
@@ -176,53 +218,42 @@ class NativeRuntime:
         proc = self._process(handle)
         if proc is None:
             return set()
-        return {p.pid for p in _tree(proc) if _running(p)}
+        return {p.pid for p in procs.tree(proc) if procs.running(p)}
 
     def find_orphans(self) -> list[Handle]:
         """Live processes carrying the gpusm markers: the topmost one of each instance."""
-        found: dict[int, tuple[psutil.Process, str, str]] = {}
-        me = os.getpid()
-        for proc in psutil.process_iter():
-            try:
-                if proc.pid == me:
-                    continue
-                env = proc.environ()
-                service, instance = env.get(SERVICE_ENV), env.get(INSTANCE_ENV)
-                if not service or not instance or not _running(proc):
-                    continue
-                if self.marker_filter is not None and not self.marker_filter(env):
-                    continue
-                found[proc.pid] = (proc, service, instance)
-            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-                continue  # not ours to read, or gone while we looked
-        best: dict[str, tuple[psutil.Process, str]] = {}
-        for proc, service, instance in found.values():
-            try:
-                parent = found.get(proc.ppid())
-            except psutil.NoSuchProcess:
-                continue
-            if parent is not None and parent[2] == instance:
+        found = {
+            m.pid: m
+            for m in procs.scan_marked(SERVICE_ENV, INSTANCE_ENV)
+            if self.marker_filter is None or self.marker_filter(m.env)
+        }
+        best: dict[str, procs.Marked] = {}
+        for marked in found.values():
+            instance = marked.env[INSTANCE_ENV]
+            parent = found.get(marked.ppid)
+            if parent is not None and parent.env[INSTANCE_ENV] == instance:
                 continue  # a descendant of the instance's top process
             # If the top process died, its children are separate tops: prefer a group
             # leader (the one that was launched), else the oldest.
             current = best.get(instance)
-            if current is None or _rank(proc) < _rank(current[0]):
-                best[instance] = (proc, service)
+            if current is None or _rank(marked) < _rank(current):
+                best[instance] = marked
         return [
-            Handle(service=s, instance=i, pid=p.pid, create_time=p.create_time())
-            for i, (p, s) in sorted(best.items())
+            Handle(
+                service=m.env[SERVICE_ENV],
+                instance=instance,
+                pid=m.pid,
+                create_time=m.create_time,
+                kind=self.kind,
+            )
+            for instance, m in sorted(best.items())
         ]
 
-    def _process(self, handle: Handle) -> psutil.Process | None:
-        if handle.pid is None or handle.create_time is None:
-            return None
-        try:
-            proc = psutil.Process(handle.pid)
-            if abs(proc.create_time() - handle.create_time) > _CREATE_TIME_TOLERANCE:
-                return None  # the pid was reused by someone else
-        except psutil.NoSuchProcess:
-            return None
-        if not _running(proc):
+    def _process(self, handle: Handle) -> Proc | None:
+        proc = procs.find(handle.pid, handle.create_time)
+        if proc is None:
+            return None  # gone, or the pid was reused by someone else
+        if not procs.running(proc):
             _reap(proc)
             return None
         return proc
@@ -238,28 +269,28 @@ class NativeRuntime:
         """
         began = time.monotonic()
         top = self._process(handle)
-        tree = _tree(top) if top is not None else self._stragglers(handle)
+        tree = procs.tree(top) if top is not None else self._stragglers(handle)
         if not tree:
             return StopResult(
                 duration_s=time.monotonic() - began, escalated=False, already_dead=True
             )
-        _signal_tree(top, tree, signal.SIGTERM)
+        procs.signal_tree(top, tree, signal.SIGTERM)
         deadline = began + grace_s
         # Poll fast at first (most services exit within milliseconds of SIGTERM), then
         # back off to _POLL_S so that a slow stop does not burn a core scanning /proc.
         gap = 0.002
         while True:
             _reap(top)
-            tree = _grow(tree)
-            alive = [p for p in tree if _running(p)]
+            tree = procs.grow(tree)
+            alive = [p for p in tree if procs.running(p)]
             if not alive or time.monotonic() >= deadline:
                 break
             time.sleep(min(gap, max(0.0, deadline - time.monotonic())))
             gap = min(gap * 1.5, _POLL_S)
         if alive:
-            _signal_tree(top, tree, signal.SIGKILL)
+            procs.signal_tree(top, tree, signal.SIGKILL)
             kill_deadline = time.monotonic() + _KILL_WAIT_S
-            while survivors := [p for p in _grow(tree) if _running(p)]:
+            while survivors := [p for p in procs.grow(tree) if procs.running(p)]:
                 _reap(top)
                 if time.monotonic() >= kill_deadline:
                     raise ServiceStopFailed(
@@ -273,38 +304,20 @@ class NativeRuntime:
             duration_s=time.monotonic() - began, escalated=bool(alive), already_dead=top is None
         )
 
-    def _stragglers(self, handle: Handle) -> set[psutil.Process]:
+    def _stragglers(self, handle: Handle) -> set[Proc]:
         # Processes of a dead instance that outlived its top process (found by marker).
         # The handle's own pid is excluded: if it runs, its create time did not match,
         # so it is someone else's now.
-        left: set[psutil.Process] = set()
-        for proc in psutil.process_iter():
-            if proc.pid == handle.pid:
-                continue
-            with contextlib.suppress(
-                psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess
-            ):
-                env = proc.environ()
-                if (
-                    env.get(INSTANCE_ENV) == handle.instance
-                    and env.get(SERVICE_ENV) == handle.service
-                    and _running(proc)
-                ):
-                    left.add(proc)
-        return left
+        skip = () if handle.pid is None else (handle.pid,)
+        return {
+            m.proc
+            for m in procs.scan_marked(SERVICE_ENV, INSTANCE_ENV, skip=skip)
+            if m.env[INSTANCE_ENV] == handle.instance and m.env[SERVICE_ENV] == handle.service
+        }
 
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid``, its process group (if it leads one) and its descendants, now.
-
-    For short-lived helpers such as exec health probes; services go through ``stop``.
-    """
-    try:
-        top = psutil.Process(pid)
-        tree = _tree(top)
-    except psutil.NoSuchProcess:
-        return
-    _signal_tree(top, tree, signal.SIGKILL)
+    # ------------------------------------------------------------ close
+    def close(self) -> None:
+        """Nothing to release (services keep running); idempotent."""
 
 
 def _remember(proc: subprocess.Popen[bytes], create_time: float) -> None:
@@ -324,61 +337,20 @@ def _child(pid: int | None, create_time: float | None) -> subprocess.Popen[bytes
         return None
     with _children_lock:
         entry = _children.get(pid)
-    if entry is None or abs(entry[1] - create_time) > _CREATE_TIME_TOLERANCE:
+    if entry is None or not procs.same_create_time(entry[1], create_time):
         return None
     return entry[0]
 
 
-def _rank(proc: psutil.Process) -> tuple[bool, float]:
+def _rank(marked: procs.Marked) -> tuple[bool, float]:
+    """Sort key of candidate tops: group leaders first, then the oldest."""
     try:
-        return (proc.pid != os.getpgid(proc.pid), proc.create_time())
-    except (psutil.NoSuchProcess, ProcessLookupError):
+        return (marked.pid != os.getpgid(marked.pid), marked.create_time)
+    except ProcessLookupError:
         return (True, float("inf"))
 
 
-def _tree(top: psutil.Process) -> set[psutil.Process]:
-    try:
-        return {top, *top.children(recursive=True)}
-    except psutil.NoSuchProcess:
-        return {top}
-
-
-def _grow(tree: set[psutil.Process]) -> set[psutil.Process]:
-    # Members may fork while shutting down; their new children must not escape.
-    grown = set(tree)
-    for proc in tree:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
-            if _running(proc):
-                grown.update(proc.children(recursive=True))
-    return grown
-
-
-def _running(proc: psutil.Process) -> bool:
-    # is_running() also checks the create time, so a reused pid reads as not running.
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-
-
-def _signal_tree(
-    top: psutil.Process | None, tree: set[psutil.Process], sig: signal.Signals
-) -> None:
-    # The group first (one syscall reaches members we may not have seen), but never our
-    # own group, and only while the top is alive and still leads it: a dead leader's
-    # pgid may belong to someone else by now.
-    if top is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            pgid = os.getpgid(top.pid)
-            if pgid == top.pid and pgid != os.getpgrp() and _running(top):
-                os.killpg(pgid, sig)
-    for proc in tree:
-        # psutil refuses to signal a pid whose create time changed (reused).
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            proc.send_signal(sig)
-
-
-def _reap(proc: psutil.Process | None, wait_s: float = 0.0) -> None:
+def _reap(proc: Proc | None, wait_s: float = 0.0) -> None:
     """Collect the exit status of our own child so that it does not linger as a zombie.
 
     Only for a process whose identity was checked (``proc``), never a bare pid: that
@@ -387,14 +359,17 @@ def _reap(proc: psutil.Process | None, wait_s: float = 0.0) -> None:
     """
     if proc is None:
         return
-    # create_time() is cached by psutil from when the process was looked up.
-    child = _child(proc.pid, proc.create_time())
+    # The create time was read when the process was looked up (procs.find).
+    child = _child(proc.pid, procs.create_time(proc))
     if child is not None:
         if child.poll() is None and wait_s > 0:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=wait_s)
         return
     # A child of this process that no NativeRuntime launched (or that was forgotten).
-    with contextlib.suppress(ChildProcessError, psutil.Error):
-        if proc.is_running() and proc.ppid() == os.getpid():
+    if procs.is_our_child(proc):
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(proc.pid, os.WNOHANG)
+
+
+_: type[Runtime] = NativeRuntime  # mypy checks that it implements the port

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from gpusm.config import HealthConfig, ServiceConfig
+from gpusm.config import DockerServiceConfig, HealthConfig
 
 __all__ = [
     "BUSYBOX_IMAGE",
@@ -98,7 +98,7 @@ def free_tcp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def busybox_service(name: str, script: str, **overrides: Any) -> ServiceConfig:
+def busybox_service(name: str, script: str, **overrides: Any) -> DockerServiceConfig:
     """A docker service running ``sh -c script`` in the busybox image, on the host network."""
     fields: dict[str, Any] = {
         "name": name,
@@ -109,7 +109,7 @@ def busybox_service(name: str, script: str, **overrides: Any) -> ServiceConfig:
         "vram_mib": 0,
         "health": HealthConfig(exec=["true"]),
     }
-    return ServiceConfig(**{**fields, **overrides})
+    return DockerServiceConfig(**{**fields, **overrides})
 
 
 def python_env_volumes() -> list[str]:
@@ -143,7 +143,7 @@ def fake_server_service(
     crash_after: float | None = None,
     grow_mib: int = 0,
     **overrides: Any,
-) -> ServiceConfig:
+) -> DockerServiceConfig:
     """The docker service config of ``gpusm sim service`` (the fake model server).
 
     It runs in ``gpusm-test-python:latest`` with the host's Python and this repository
@@ -193,4 +193,4 @@ def fake_server_service(
             http=f"http://127.0.0.1:{port}/health", timeout_s=60.0, probe_timeout_s=1.0
         ),
     }
-    return ServiceConfig(**{**fields, **overrides})
+    return DockerServiceConfig(**{**fields, **overrides})

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import docker
 import pytest
-from docker_helpers import busybox_service, free_tcp_port
 
+from gpusm.config import HealthConfig, NativeServiceConfig
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed, ServiceStopFailed
 from gpusm.ports import Handle
 from gpusm.runtimes.docker import DockerRuntime, container_name
+from tests.runtimes.docker_helpers import busybox_service, free_tcp_port
 
 SLEEP = "sleep 1000"
 HANDLE = Handle(service="tts", instance="i-1", container_id="0123456789ab")
@@ -44,8 +45,19 @@ def test_unreachable_engine_fails_every_call_with_the_right_error(no_socket: str
     for call in (lambda: rt.is_alive(HANDLE), lambda: rt.pids_of(HANDLE), rt.find_orphans):
         with pytest.raises(ServiceRuntimeError, match="start dockerd or check DOCKER_HOST"):
             call()
-    assert rt.logs_tail(HANDLE) == ""  # it only decorates other errors: never raises
+    # These decorate other errors and records: never raise.
+    assert rt.log_tail(HANDLE) == ""
+    assert rt.exit_code(HANDLE) is None
     rt.close()
+    rt.close()
+
+
+def test_a_native_service_is_refused_before_the_engine_is_asked(no_socket: str) -> None:
+    svc = NativeServiceConfig(
+        name="plain", command=["true"], vram_mib=0, health=HealthConfig(tcp="127.0.0.1:9")
+    )
+    with pytest.raises(ServiceStartFailed, match=r"'plain'.*runtime: docker"):
+        DockerRuntime().start(svc, "i-1")
 
 
 def test_engine_that_stops_answering_after_connecting_gives_the_same_clear_error() -> None:

@@ -12,7 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
-from docker_helpers import (
+
+from gpusm.config import HealthConfig
+from gpusm.errors import ServiceRuntimeError, ServiceStartFailed
+from gpusm.gpu.sim import SimGpu
+from gpusm.ports import Handle
+from gpusm.runtimes.docker import LABEL_INSTANCE, LABEL_SERVICE, DockerRuntime, container_name
+from tests.runtimes.docker_helpers import (
     BUSYBOX_IMAGE,
     busybox_service,
     docker_cli,
@@ -22,13 +28,7 @@ from docker_helpers import (
     remove_test_containers,
     require_test_images,
 )
-from runtime_contract import eventually
-
-from gpusm.config import HealthConfig
-from gpusm.errors import ServiceRuntimeError, ServiceStartFailed
-from gpusm.gpu.sim import SimGpu
-from gpusm.ports import Handle
-from gpusm.runtimes.docker import LABEL_INSTANCE, LABEL_SERVICE, DockerRuntime, container_name
+from tests.support import eventually
 
 pytestmark = pytest.mark.docker
 
@@ -84,7 +84,7 @@ def name() -> str:
 
 
 def wait_ready(rt: DockerRuntime, handle: Handle) -> None:
-    eventually(lambda: "ready" in rt.logs_tail(handle), 15, "container ready")
+    eventually(lambda: "ready" in rt.log_tail(handle), 15, "container ready")
 
 
 # ---------------------------------------------------------------- container settings
@@ -104,7 +104,7 @@ def test_container_carries_markers_env_ports_volumes_and_no_restart_policy(
     )
     handle = rt.start(svc, "inst-0123456789")
     wait_ready(rt, handle)
-    logs = rt.logs_tail(handle)
+    logs = rt.log_tail(handle)
     assert "mounted" in logs
     assert f"env={svc.name}/inst-0123456789/service/1" in logs
     assert handle.container_id is not None
@@ -130,7 +130,7 @@ def _start_fake(rt: DockerRuntime, tmp_path: Path, **flags: Any) -> tuple[SimGpu
     handle = rt.start(fake_server_service(name(), port, 300, sim.directory, **flags), "fake01")
 
     def healthy() -> bool:
-        assert rt.is_alive(handle), rt.logs_tail(handle)
+        assert rt.is_alive(handle), rt.log_tail(handle)
         try:
             return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
         except httpx.HTTPError:
@@ -200,17 +200,21 @@ def test_find_orphans_reports_labelled_containers_and_never_an_unlabelled_lookal
     assert inspect(lookalike)["State"]["Running"] is True
 
 
-def test_logs_tail_and_remove_of_an_exited_container(rt: DockerRuntime, run_id: str) -> None:
+def test_log_tail_exit_code_and_remove_of_an_exited_container(
+    rt: DockerRuntime, run_id: str
+) -> None:
     running = rt.start(busybox_service(name(), SLEEP), "keep")
     with pytest.raises(ServiceRuntimeError, match="still running; stop it first"):
         rt.remove(running)
     handle = rt.start(busybox_service(name(), "echo goodbye; exit 3"), "gone")
     eventually(lambda: not rt.is_alive(handle), 15, "exited")
     assert rt.pids_of(handle) == set()
-    assert "goodbye" in rt.logs_tail(handle)
+    assert rt.log_tail(handle) == "goodbye"
+    assert rt.exit_code(handle) == 3
     rt.remove(handle)
     rt.remove(handle)  # already gone: nothing to do
-    assert rt.logs_tail(handle) == ""
+    assert rt.log_tail(handle) == ""
+    assert rt.exit_code(handle) is None
     assert running.container_id is not None
     assert our_containers(run_id) == [running.container_id[:12]]
 
@@ -287,4 +291,4 @@ def test_unrunnable_command_under_init_dies_at_once_and_its_logs_say_why(
     # Docker's init is what runs first, so the engine cannot see the failed exec.
     handle = rt.start(busybox_service(name(), SLEEP, command=["/nonexistent-program"]), "x")
     eventually(lambda: not rt.is_alive(handle), 15, "seen dead")
-    assert "exec /nonexistent-program failed" in rt.logs_tail(handle)
+    assert "exec /nonexistent-program failed" in rt.log_tail(handle)

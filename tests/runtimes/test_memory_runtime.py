@@ -7,14 +7,16 @@ from unittest.mock import Mock
 import pytest
 
 from gpusm.clock import ManualClock
-from gpusm.config import HealthConfig, ServiceConfig
+from gpusm.config import HealthConfig, NativeServiceConfig
 from gpusm.errors import ServiceStartFailed
 from gpusm.ports import Handle
 from gpusm.runtimes.memory import FAKE_PID_BASE, MemoryRuntime
 
 
-def svc(name: str) -> ServiceConfig:
-    return ServiceConfig(name=name, command=["fake"], vram_mib=100, health=HealthConfig(tcp="h:1"))
+def svc(name: str) -> NativeServiceConfig:
+    return NativeServiceConfig(
+        name=name, command=["fake"], vram_mib=100, health=HealthConfig(tcp="h:1")
+    )
 
 
 @pytest.fixture
@@ -74,6 +76,18 @@ def test_crash_after_fires_when_the_clock_passes_it(
     assert rt.exit_code(handle) == 1
 
 
+def test_crash_exit_code_sets_how_such_an_exit_ends(
+    rt: MemoryRuntime, manual_clock: ManualClock
+) -> None:
+    rt.crash_after_s["a"] = 1.0
+    rt.crash_exit_code["a"] = 0
+    handle = rt.start(svc("a"), "1")
+    rt.crash_exit_code["a"] = 7  # fixed at start: a later change does not apply
+    manual_clock.advance(1.0)
+    assert rt.exit_code(handle) == 0  # noticed by exit_code itself too
+    assert not rt.is_alive(handle)
+
+
 def test_failure_injection_applies_to_one_start_only(rt: MemoryRuntime) -> None:
     rt.fail_next_start = OSError("disk on fire")
     with pytest.raises(ServiceStartFailed, match="'a': disk on fire"):
@@ -110,8 +124,12 @@ def test_records_starts_stops_and_serves_log_tails(rt: MemoryRuntime) -> None:
     assert rt.started == [handle]
     assert rt.stopped == [(handle, result)]
     rt.logs["a"] = "one\ntwo\nthree"
-    assert rt.log_tail("a", lines=2) == "two\nthree"
-    assert rt.log_tail("b") == ""
+    assert rt.log_tail(handle, lines=2) == "two\nthree"
+    assert rt.log_tail(handle, lines=0) == ""
+    assert rt.log_tail(Handle("a", "never-started")) == ""
+    assert rt.log_tail(rt.start(svc("b"), "2")) == ""
+    rt.close()
+    rt.close()
 
 
 def test_unknown_or_stale_handles_are_not_alive(rt: MemoryRuntime) -> None:

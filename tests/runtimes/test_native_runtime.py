@@ -11,31 +11,33 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import psutil
 import pytest
-from runtime_contract import eventually
 
-from gpusm.config import HealthConfig, ServiceConfig
+from gpusm import procs
+from gpusm.config import DockerServiceConfig, HealthConfig, NativeServiceConfig
 from gpusm.errors import ServiceStartFailed
 from gpusm.ports import Handle
+from gpusm.procs import kill_tree
 from gpusm.runtimes import native
-from gpusm.runtimes.native import NativeRuntime, kill_tree
+from gpusm.runtimes.native import NativeRuntime
+from tests.support import eventually
 
 _HEALTH = HealthConfig(tcp="127.0.0.1:9")
 
 
-def service(name: str, code: str, **extra: object) -> ServiceConfig:
+def service(name: str, code: str, **extra: object) -> NativeServiceConfig:
     """A native service that runs ``code`` with this Python."""
-    return ServiceConfig(
-        name=name, command=[sys.executable, "-c", code], vram_mib=0, health=_HEALTH, **extra
+    return NativeServiceConfig(
+        name=name,
+        command=[sys.executable, "-c", code],
+        vram_mib=0,
+        health=_HEALTH,
+        **extra,
     )
 
 
 def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    return procs.live_create_time(pid) is not None
 
 
 # Instance ids of this module's services, so cleanup (and orphan scans) see only ours.
@@ -89,7 +91,7 @@ def test_runs_in_its_own_session_with_markers_env_and_cwd(
 
 
 def test_python_placeholder_runs_this_interpreter(rt: NativeRuntime) -> None:
-    svc = ServiceConfig(
+    svc = NativeServiceConfig(
         name="placeholder",
         command=["{python}", "-c", "import sys; print(sys.executable); sys.stdout.flush()"],
         vram_mib=0,
@@ -98,7 +100,7 @@ def test_python_placeholder_runs_this_interpreter(rt: NativeRuntime) -> None:
     handle = rt.start(svc, instance())
     eventually(lambda: not rt.is_alive(handle))
     assert rt.exit_code(handle) == 0
-    assert rt.log_tail("placeholder", lines=1) == sys.executable
+    assert rt.log_tail(handle, lines=1) == sys.executable
 
 
 def test_output_goes_to_the_service_log_and_exit_code_is_kept(rt: NativeRuntime) -> None:
@@ -107,12 +109,45 @@ def test_output_goes_to_the_service_log_and_exit_code_is_kept(rt: NativeRuntime)
     assert rt.exit_code(handle) is None or rt.exit_code(handle) == 3
     eventually(lambda: not rt.is_alive(handle))
     assert rt.exit_code(handle) == 3
-    tail = rt.log_tail("logged")
-    assert "to stdout" in tail
-    assert "to stderr" in tail
-    assert f"starting instance {handle.instance}" in tail
-    assert rt.log_tail("logged", lines=1) in ("to stdout", "to stderr")
-    assert rt.log_tail("never-started") == ""
+    tail = rt.log_tail(handle)
+    assert sorted(tail.splitlines()) == ["to stderr", "to stdout"]
+    assert rt.log_tail(handle, lines=1) in ("to stdout", "to stderr")
+    assert rt.log_tail(handle, lines=0) == ""
+    assert f"starting instance {handle.instance}" in rt.log_path("logged").read_text()
+    assert rt.log_tail(Handle("never-started", "x")) == ""
+
+
+def test_log_tail_tells_the_instances_of_one_service_apart(rt: NativeRuntime) -> None:
+    code = "import os\nprint(os.environ['SAY'])"
+    first = rt.start(service("twice", code, env={"SAY": "first run"}), instance())
+    eventually(lambda: not rt.is_alive(first))
+    silent = rt.start(service("twice", "pass"), instance())
+    eventually(lambda: not rt.is_alive(silent))
+    second = rt.start(service("twice", code, env={"SAY": "second run"}), instance())
+    eventually(lambda: not rt.is_alive(second))
+    assert rt.log_tail(first) == "first run"
+    assert rt.log_tail(silent) == ""
+    assert rt.log_tail(second) == "second run"
+    assert rt.log_tail(Handle("twice", "not-an-instance")) == ""
+
+
+def test_log_tail_of_an_output_longer_than_what_it_reads_is_its_end(rt: NativeRuntime) -> None:
+    code = "for i in range(20000): print(f'line {i}')"
+    handle = rt.start(service("long", code), instance())
+    eventually(lambda: not rt.is_alive(handle))
+    assert rt.log_tail(handle, lines=2) == "line 19998\nline 19999"
+
+
+def test_exit_code_after_a_stop_is_the_signal_that_ended_it(rt: NativeRuntime) -> None:
+    handle = rt.start(service("stopped", "import time; time.sleep(60)"), instance())
+    assert not rt.stop(handle, 5.0).escalated
+    assert rt.exit_code(handle) == -signal.SIGTERM
+
+
+def test_a_docker_service_is_refused(rt: NativeRuntime) -> None:
+    svc = DockerServiceConfig(name="boxed", image="busybox", vram_mib=0, health=_HEALTH)
+    with pytest.raises(ServiceStartFailed, match=r"'boxed'.*runtime: native"):
+        rt.start(svc, instance())
 
 
 def test_exit_code_is_unknown_for_a_process_it_did_not_launch(rt: NativeRuntime) -> None:
@@ -126,15 +161,17 @@ def test_log_over_its_bound_is_rotated_at_the_next_start(tmp_path: Path) -> None
     rt = NativeRuntime(tmp_path / "logs", log_max_bytes=200)
     first = rt.start(service("chatty", "print('x' * 500)"), instance())
     eventually(lambda: not rt.is_alive(first))
-    rt.start(service("chatty", "print('second run')"), instance())
-    eventually(lambda: "second run" in rt.log_tail("chatty"))
+    second = rt.start(service("chatty", "print('second run')"), instance())
+    eventually(lambda: "second run" in rt.log_tail(second))
     rotated = tmp_path / "logs" / "chatty.log.1"
     assert "x" * 500 in rotated.read_text()
     assert "x" * 500 not in (tmp_path / "logs" / "chatty.log").read_text()
 
 
 def test_missing_executable_fails_naming_the_service_and_the_fix(rt: NativeRuntime) -> None:
-    svc = ServiceConfig(name="ghost", command=["gpusm-no-such-program"], vram_mib=0, health=_HEALTH)
+    svc = NativeServiceConfig(
+        name="ghost", command=["gpusm-no-such-program"], vram_mib=0, health=_HEALTH
+    )
     with pytest.raises(ServiceStartFailed, match=r"'ghost'.*not found.*services\.ghost\.command"):
         rt.start(svc, instance())
 
@@ -142,7 +179,7 @@ def test_missing_executable_fails_naming_the_service_and_the_fix(rt: NativeRunti
 def test_file_that_is_not_executable_fails_clearly(rt: NativeRuntime, tmp_path: Path) -> None:
     script = tmp_path / "script.sh"
     script.write_text("#!/bin/sh\n")
-    svc = ServiceConfig(name="noexec", command=[str(script)], vram_mib=0, health=_HEALTH)
+    svc = NativeServiceConfig(name="noexec", command=[str(script)], vram_mib=0, health=_HEALTH)
     with pytest.raises(ServiceStartFailed, match="not executable"):
         rt.start(svc, instance())
 
@@ -161,7 +198,7 @@ def test_unusable_log_directory_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_directory_as_program_fails_clearly(rt: NativeRuntime, tmp_path: Path) -> None:
-    svc = ServiceConfig(name="dir", command=[str(tmp_path)], vram_mib=0, health=_HEALTH)
+    svc = NativeServiceConfig(name="dir", command=[str(tmp_path)], vram_mib=0, health=_HEALTH)
     with pytest.raises(ServiceStartFailed, match="'dir'"):
         rt.start(svc, instance())
 
@@ -249,10 +286,11 @@ def test_stragglers_of_a_crashed_instance_are_stopped(rt: NativeRuntime, tmp_pat
 LAUNCHER = """
 import json, sys
 from pathlib import Path
-from gpusm.config import HealthConfig, ServiceConfig
+from gpusm.config import HealthConfig, NativeServiceConfig
 from gpusm.runtimes.native import NativeRuntime
-svc = ServiceConfig(name="orphaned", command=[sys.executable, "-c", "import time; time.sleep(60)"],
-                    vram_mib=0, health=HealthConfig(tcp="127.0.0.1:9"))
+svc = NativeServiceConfig(name="orphaned",
+                          command=[sys.executable, "-c", "import time; time.sleep(60)"],
+                          vram_mib=0, health=HealthConfig(tcp="127.0.0.1:9"))
 h = NativeRuntime(Path(sys.argv[1])).start(svc, sys.argv[2])
 print(json.dumps([h.pid, h.create_time]), flush=True)
 sys.stdin.read()
@@ -309,7 +347,7 @@ def test_stops_a_marked_child_it_did_not_launch_and_reaps_it(tmp_path: Path) -> 
         (handle,) = rt.find_orphans()
         assert not rt.stop(handle, 1.0).escalated
         # Reaped by the runtime, not left as a zombie for us.
-        assert not psutil.pid_exists(proc.pid)
+        assert procs.create_time(proc.pid) is None
     finally:
         proc.kill()
         proc.wait()

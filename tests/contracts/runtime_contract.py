@@ -1,22 +1,25 @@
 """The Runtime contract: behaviour every runtime (native, in-memory, docker) must show.
 
-Use it by subclassing in a ``test_*.py`` module next to this one::
+Use it by subclassing in a ``test_*.py`` module::
 
-    from runtime_contract import RuntimeContract
+    from tests.contracts.runtime_contract import RuntimeContract
 
     class TestMyRuntimeContract(RuntimeContract):
         grace_s = 1.0                       # docker's stop timeout is whole seconds
 
-        def create_runtime(self, tmp_path): ...
+        def create_runtime(self, tmp_path): ...      # give it a distinctive ``kind``
         def sleeping_service(self, runtime, name): ...
         def sigterm_ignoring_service(self, runtime, name): ...
         def forking_service(self, runtime, name): ...
-        def exiting_service(self, runtime, name): ...
+        def exiting_service(self, runtime, name, code): ...
+        def chatty_service(self, runtime, name, lines): ...
         def unstartable_service(self, runtime, name): ...
 
-and, where the defaults (pids are host pids; a crash is SIGKILL to ``handle.pid``; a
-stale handle is one with another create time) do not fit, override ``crash``,
-``pid_exists``, ``stale_handle``, ``reopen_runtime`` or ``wait_until_ready``.
+and, where the defaults (pids are host pids; a crash is SIGKILL to ``handle.pid`` and
+reads as exit code -9; a stale handle is one with another create time; the sleeping
+service writes nothing) do not fit, override ``crash``, ``killed_exit_code``,
+``pid_exists``, ``stale_handle``, ``reopen_runtime``, ``silent_service`` or
+``wait_until_ready``.
 
 The fixture ``runtime`` stops every instance a test started through ``self.start``
 (even if the test failed), and every instance id is unique, so tests of several
@@ -30,29 +33,20 @@ import contextlib
 import dataclasses
 import os
 import signal
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-import psutil
 import pytest
 
+from gpusm import procs
 from gpusm.config import ServiceConfig
 from gpusm.errors import GpusmError, ServiceStartFailed
 from gpusm.ports import Handle, Runtime
+from tests.support import eventually
 
-__all__ = ["RuntimeContract", "eventually"]
-
-
-def eventually(check: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Poll ``check`` until it holds; fail the test after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not hold within {timeout_s}s")
-        time.sleep(0.01)
+__all__ = ["RuntimeContract"]
 
 
 class RuntimeContract(abc.ABC):
@@ -81,8 +75,12 @@ class RuntimeContract(abc.ABC):
         """A service whose main process starts at least two long-lived descendants."""
 
     @abc.abstractmethod
-    def exiting_service(self, runtime: Runtime, name: str) -> ServiceConfig:
-        """A service that exits by itself (non-zero) within about a second of starting."""
+    def exiting_service(self, runtime: Runtime, name: str, code: int = 3) -> ServiceConfig:
+        """A service that exits by itself with ``code`` within about a second of starting."""
+
+    @abc.abstractmethod
+    def chatty_service(self, runtime: Runtime, name: str, lines: list[str]) -> ServiceConfig:
+        """A service that writes ``lines`` to its output, then runs until stopped."""
 
     @abc.abstractmethod
     def unstartable_service(self, runtime: Runtime, name: str) -> ServiceConfig:
@@ -94,17 +92,22 @@ class RuntimeContract(abc.ABC):
     ) -> None:
         """Block until the instance has set up its signal handlers and children."""
 
+    def silent_service(self, runtime: Runtime, name: str) -> ServiceConfig:
+        """A service that runs until stopped and never writes (default: the sleeping one)."""
+        return self.sleeping_service(runtime, name)
+
     def crash(self, runtime: Runtime, handle: Handle) -> None:
         """Make the instance die as if it crashed (default: SIGKILL its top pid)."""
         assert handle.pid is not None
         os.kill(handle.pid, signal.SIGKILL)
 
+    def killed_exit_code(self, sig: signal.Signals) -> int:
+        """The exit code ``exit_code`` reports after death by ``sig`` (default: ``-sig``)."""
+        return -int(sig)
+
     def pid_exists(self, runtime: Runtime, pid: int) -> bool:
         """Whether ``pid`` (from ``pids_of``) is a live process (default: a host pid)."""
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
+        return procs.live_create_time(pid) is not None
 
     def stale_handle(self, handle: Handle) -> Handle:
         """A handle that names the same pid but not this instance (the pid was reused)."""
@@ -139,6 +142,14 @@ class RuntimeContract(abc.ABC):
     def name(self) -> str:
         """A unique, valid service name."""
         return f"svc-{uuid.uuid4().hex[:8]}"
+
+    def ended_with(self, runtime: Runtime, handle: Handle) -> int:
+        """Wait until the instance is seen dead and its exit code known; return that."""
+        eventually(lambda: not runtime.is_alive(handle), self.patience_s, "seen dead")
+        eventually(lambda: runtime.exit_code(handle) is not None, self.patience_s, "exit code")
+        code = runtime.exit_code(handle)
+        assert code is not None
+        return code
 
     def mine(self, runtime: Runtime, instance: str) -> list[Handle]:
         """``find_orphans`` narrowed to one instance (other tests run beside us)."""
@@ -257,3 +268,61 @@ class RuntimeContract(abc.ABC):
             self.start(runtime, self.unstartable_service(runtime, name), ready=False)
         assert info.value.service == name
         assert name in str(info.value)
+
+    # ---------------------------------------------------------------- kind
+    def test_handles_carry_the_runtime_kind(self, runtime: Runtime) -> None:
+        assert runtime.kind
+        handle = self.start(runtime, self.sleeping_service(runtime, self.name()))
+        assert handle.kind == runtime.kind
+        other = self.reopen_runtime(runtime, self.tmp_path)
+        assert [h.kind for h in self.mine(other, handle.instance)] == [other.kind]
+
+    # ---------------------------------------------------------------- exit codes
+    def test_exit_code_is_none_while_the_instance_runs(self, runtime: Runtime) -> None:
+        handle = self.start(runtime, self.sleeping_service(runtime, self.name()))
+        assert runtime.exit_code(handle) is None
+        assert runtime.exit_code(self.stale_handle(handle)) is None
+
+    @pytest.mark.parametrize("code", [0, 3])
+    def test_exit_code_of_an_instance_that_exited_by_itself(
+        self, runtime: Runtime, code: int
+    ) -> None:
+        handle = self.start(runtime, self.exiting_service(runtime, self.name(), code), ready=False)
+        assert self.ended_with(runtime, handle) == code
+        assert runtime.exit_code(handle) == code  # it stays known
+
+    def test_exit_code_of_a_killed_instance_names_the_signal(self, runtime: Runtime) -> None:
+        handle = self.start(runtime, self.sleeping_service(runtime, self.name()))
+        self.crash(runtime, handle)
+        assert self.ended_with(runtime, handle) == self.killed_exit_code(signal.SIGKILL)
+
+    def test_exit_code_of_an_instance_never_started_is_none(self, runtime: Runtime) -> None:
+        assert runtime.exit_code(Handle(self.name(), "ct-never", kind=runtime.kind)) is None
+
+    # ---------------------------------------------------------------- logs
+    def test_log_tail_returns_the_last_lines_the_instance_wrote(self, runtime: Runtime) -> None:
+        lines = [f"line {i} of {uuid.uuid4().hex[:6]}" for i in range(5)]
+        handle = self.start(runtime, self.chatty_service(runtime, self.name(), lines))
+        eventually(
+            lambda: runtime.log_tail(handle, 2) == "\n".join(lines[-2:]),
+            self.patience_s,
+            "the last two lines",
+        )
+        assert runtime.log_tail(handle).splitlines()[-5:] == lines
+        assert runtime.log_tail(handle, 1) == lines[-1]
+
+    def test_log_tail_of_an_instance_that_never_wrote_is_empty(self, runtime: Runtime) -> None:
+        handle = self.start(runtime, self.silent_service(runtime, self.name()))
+        assert runtime.is_alive(handle)
+        assert runtime.log_tail(handle) == ""
+
+    def test_log_tail_of_an_instance_never_started_is_empty(self, runtime: Runtime) -> None:
+        assert runtime.log_tail(Handle(self.name(), "ct-never", kind=runtime.kind)) == ""
+
+    # ---------------------------------------------------------------- close
+    def test_close_twice_is_fine_and_leaves_instances_running(self, runtime: Runtime) -> None:
+        handle = self.start(runtime, self.sleeping_service(runtime, self.name()))
+        other = self.reopen_runtime(runtime, self.tmp_path)
+        other.close()
+        other.close()
+        assert runtime.is_alive(handle)

@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from runtime_contract import RuntimeContract, eventually
 
-from gpusm.config import HealthConfig, ServiceConfig
+from gpusm.config import HealthConfig, NativeServiceConfig, ServiceConfig
 from gpusm.errors import ServiceStartFailed
 from gpusm.ports import Handle, Runtime
 from gpusm.runtimes import MemoryRuntime, NativeRuntime
+from tests.contracts.runtime_contract import RuntimeContract
+from tests.support import eventually
 
 _HEALTH = HealthConfig(tcp="127.0.0.1:9")
 
@@ -32,14 +33,27 @@ FORK = (
     "pathlib.Path(os.environ['READY_FILE']).touch()\n"
     "while True: time.sleep(1)"
 )
-EXIT = "import sys, time\ntime.sleep(0.2)\nsys.exit(3)"
+EXIT = "import sys, time\ntime.sleep(0.2)\nsys.exit({code})"
+# Writes each argument on a line of its own, then sleeps.
+CHATTY = (
+    "import sys, time\n"
+    "for line in sys.argv[1:]: print(line)\n"
+    "sys.stdout.flush()\n"
+    "while True: time.sleep(1)"
+)
 
 
-def python_service(name: str, code: str, ready_file: Path | None = None) -> ServiceConfig:
+def python_service(
+    name: str, code: str, ready_file: Path | None = None, args: list[str] | None = None
+) -> NativeServiceConfig:
     """A native service running ``code`` in this Python; ``READY_FILE`` set if given."""
     env = {"READY_FILE": str(ready_file)} if ready_file else {}
-    return ServiceConfig(
-        name=name, command=[sys.executable, "-c", code], env=env, vram_mib=0, health=_HEALTH
+    return NativeServiceConfig(
+        name=name,
+        command=[sys.executable, "-c", code, *(args or [])],
+        env=env,
+        vram_mib=0,
+        health=_HEALTH,
     )
 
 
@@ -47,7 +61,7 @@ class TestNativeRuntimeContract(RuntimeContract):
     """Real processes."""
 
     def create_runtime(self, tmp_path: Path) -> Runtime:
-        return NativeRuntime(tmp_path / "logs")
+        return NativeRuntime(tmp_path / "logs", kind="native-ct")
 
     def sleeping_service(self, runtime: Runtime, name: str) -> ServiceConfig:
         return python_service(name, SLEEP)
@@ -58,11 +72,14 @@ class TestNativeRuntimeContract(RuntimeContract):
     def forking_service(self, runtime: Runtime, name: str) -> ServiceConfig:
         return python_service(name, FORK, self.tmp_path / f"{name}.ready")
 
-    def exiting_service(self, runtime: Runtime, name: str) -> ServiceConfig:
-        return python_service(name, EXIT)
+    def exiting_service(self, runtime: Runtime, name: str, code: int = 3) -> ServiceConfig:
+        return python_service(name, EXIT.format(code=code))
+
+    def chatty_service(self, runtime: Runtime, name: str, lines: list[str]) -> ServiceConfig:
+        return python_service(name, CHATTY, args=lines)
 
     def unstartable_service(self, runtime: Runtime, name: str) -> ServiceConfig:
-        return ServiceConfig(
+        return NativeServiceConfig(
             name=name, command=["/nonexistent/gpusm-no-such-program"], vram_mib=0, health=_HEALTH
         )
 
@@ -78,10 +95,10 @@ class TestMemoryRuntimeContract(RuntimeContract):
     grace_s = 0.2
 
     def create_runtime(self, tmp_path: Path) -> Runtime:
-        return MemoryRuntime()
+        return MemoryRuntime(kind="memory-ct")
 
     def _fake(self, name: str) -> ServiceConfig:
-        return ServiceConfig(name=name, command=["fake"], vram_mib=0, health=_HEALTH)
+        return NativeServiceConfig(name=name, command=["fake"], vram_mib=0, health=_HEALTH)
 
     def sleeping_service(self, runtime: Runtime, name: str) -> ServiceConfig:
         return self._fake(name)
@@ -96,9 +113,15 @@ class TestMemoryRuntimeContract(RuntimeContract):
         runtime.children[name] = 2
         return self._fake(name)
 
-    def exiting_service(self, runtime: Runtime, name: str) -> ServiceConfig:
+    def exiting_service(self, runtime: Runtime, name: str, code: int = 3) -> ServiceConfig:
         assert isinstance(runtime, MemoryRuntime)
         runtime.crash_after_s[name] = 0.2
+        runtime.crash_exit_code[name] = code
+        return self._fake(name)
+
+    def chatty_service(self, runtime: Runtime, name: str, lines: list[str]) -> ServiceConfig:
+        assert isinstance(runtime, MemoryRuntime)
+        runtime.logs[name] = "".join(f"{line}\n" for line in lines)
         return self._fake(name)
 
     def unstartable_service(self, runtime: Runtime, name: str) -> ServiceConfig:
@@ -124,5 +147,5 @@ def test_memory_runtime_passes_a_service_start_failed_through_unchanged() -> Non
     error = ServiceStartFailed("x", "boom")
     runtime.fail_next_start = error
     with pytest.raises(ServiceStartFailed) as info:
-        runtime.start(ServiceConfig(name="x", command=["f"], vram_mib=0, health=_HEALTH), "i")
+        runtime.start(NativeServiceConfig(name="x", command=["f"], vram_mib=0, health=_HEALTH), "i")
     assert info.value is error

@@ -6,31 +6,36 @@ sharing the host's (how the containerised fake model server runs, without an ini
 
 from __future__ import annotations
 
+import shlex
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from docker_helpers import (
+
+from gpusm.config import DockerServiceConfig, ServiceConfig
+from gpusm.ports import Handle, Runtime
+from gpusm.runtimes.docker import DockerRuntime
+from tests.contracts.runtime_contract import RuntimeContract
+from tests.runtimes.docker_helpers import (
     busybox_service,
     labels_for,
     remove_test_containers,
     require_test_images,
 )
-from runtime_contract import RuntimeContract, eventually
-
-from gpusm.config import ServiceConfig
-from gpusm.ports import Handle, Runtime
-from gpusm.runtimes.docker import DockerRuntime
+from tests.support import eventually
 
 pytestmark = pytest.mark.docker
 
-# Each script says "ready" once its traps and children are in place.
-SLEEP = "echo ready; exec sleep 1000"
-IGNORE_TERM = "trap '' TERM; echo ready; sleep 1000 & wait"
-FORK = "sleep 1000 & sleep 1000 & echo ready; wait"
-EXIT = "sleep 0.2; exit 3"
+# Each script that says "ready" says it once its traps and children are in place.
+READY = "echo ready"
+SLEEP = f"{READY}; exec sleep 1000"
+SILENT = "exec sleep 1000"
+IGNORE_TERM = f"trap '' TERM; {READY}; sleep 1000 & wait"
+FORK = f"sleep 1000 & sleep 1000 & {READY}; wait"
+EXIT = "sleep 0.2; exit {code}"
 
 
 class _DockerContract(RuntimeContract):
@@ -46,7 +51,7 @@ class _DockerContract(RuntimeContract):
         remove_test_containers(self.run_id)
 
     def create_runtime(self, tmp_path: Path) -> Runtime:
-        return DockerRuntime(extra_labels=labels_for(self.run_id))
+        return DockerRuntime(extra_labels=labels_for(self.run_id), kind="docker-ct")
 
     def _service(self, name: str, script: str) -> ServiceConfig:
         return busybox_service(name, script, pid_mode=self.pid_mode)
@@ -60,16 +65,29 @@ class _DockerContract(RuntimeContract):
     def forking_service(self, runtime: Runtime, name: str) -> ServiceConfig:
         return self._service(name, FORK)
 
-    def exiting_service(self, runtime: Runtime, name: str) -> ServiceConfig:
-        return self._service(name, EXIT)
+    def exiting_service(self, runtime: Runtime, name: str, code: int = 3) -> ServiceConfig:
+        return self._service(name, EXIT.format(code=code))
+
+    def chatty_service(self, runtime: Runtime, name: str, lines: list[str]) -> ServiceConfig:
+        echoes = "; ".join(f"echo {shlex.quote(line)}" for line in lines)
+        return self._service(name, f"{echoes}; exec sleep 1000")
+
+    def silent_service(self, runtime: Runtime, name: str) -> ServiceConfig:
+        return self._service(name, SILENT)
+
+    def killed_exit_code(self, sig: signal.Signals) -> int:
+        # Docker reports death by a signal the shell's way, and cannot tell it apart.
+        return 128 + int(sig)
 
     def unstartable_service(self, runtime: Runtime, name: str) -> ServiceConfig:
         return busybox_service(name, SLEEP, image="gpusm-test-no-such-image:latest")
 
     def wait_until_ready(self, runtime: Runtime, handle: Handle, service: ServiceConfig) -> None:
-        assert isinstance(runtime, DockerRuntime)
+        assert isinstance(service, DockerServiceConfig)
+        if READY not in " ".join(service.command or []):
+            return  # it never says so
         eventually(
-            lambda: "ready" in runtime.logs_tail(handle), self.patience_s, f"{service.name} ready"
+            lambda: "ready" in runtime.log_tail(handle), self.patience_s, f"{service.name} ready"
         )
 
 
