@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from typer.testing import CliRunner
 from gpusm.cli.main import app
 from gpusm.errors import SimOutOfMemory
 from gpusm.gpu import SimGpu
+from tests.support import eventually
 
 runner = CliRunner()
 
@@ -46,13 +46,6 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
 def invoke(*args: str) -> tuple[int, str]:
     result = runner.invoke(app, list(args))
     return result.exit_code, result.output
-
-
-def wait_until(check: object, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------- create / where
@@ -204,10 +197,10 @@ def test_hog_holds_memory_until_sigterm_then_exits_cleanly(
         text=True,
     )
     procs.append(hog)
-    wait_until(lambda: sim.holders() == {hog.pid: 700})
+    eventually(lambda: sim.holders() == {hog.pid: 700}, 20, "the hog to hold 700 MiB")
     hog.send_signal(signal.SIGTERM)
     assert hog.wait(timeout=15) == 0
-    wait_until(lambda: sim.snapshot().used_mib == 0)
+    eventually(lambda: sim.snapshot().used_mib == 0, 20, "the memory to come back")
 
 
 def test_hog_that_does_not_fit_exits_3(tmp_path: Path) -> None:

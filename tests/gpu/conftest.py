@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sim_helpers import Spawner
+
+from tests.gpu.sim_helpers import Spawner
 
 
 @pytest.fixture

@@ -1,18 +1,13 @@
-"""Helpers for simulated-GPU tests: holder processes that are always cleaned up, polling."""
+"""Helpers for simulated-GPU tests: holder processes that are always cleaned up, free ports."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-__all__ = ["Spawner", "free_port", "wait_for"]
-
-T = TypeVar("T")
+__all__ = ["Spawner", "free_port"]
 
 # Allocates argv[2] MiB on the sim GPU at argv[1], says so, and exits when stdin closes.
 _HOLDER = """
@@ -61,18 +56,6 @@ class Spawner:
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
-
-
-def wait_for(check: Callable[[], T | None], timeout_s: float = 10.0, what: str = "condition") -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def free_port() -> int:

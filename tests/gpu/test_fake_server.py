@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-from sim_helpers import Spawner, free_port, wait_for
 
 from gpusm.gpu import SimGpu
 from gpusm.gpu.fake_server import (
@@ -24,6 +23,8 @@ from gpusm.gpu.fake_server import (
     FakeServerOptions,
     run_fake_server,
 )
+from tests.gpu.sim_helpers import Spawner, free_port
+from tests.support import eventually
 
 Start = Callable[..., tuple[subprocess.Popen[str], int]]
 
@@ -58,7 +59,7 @@ def wait_ready(proc: subprocess.Popen[str], port: int) -> dict[str, Any]:
         response = get(port)
         return response.json() if response is not None and response.status_code == 200 else None
 
-    return wait_for(ready, timeout_s=20, what="the fake server to be ready")
+    return eventually(ready, timeout_s=20, what="the fake server to be ready")
 
 
 def test_health_is_503_while_loading_then_200_with_all_memory_held(
@@ -66,7 +67,7 @@ def test_health_is_503_while_loading_then_200_with_all_memory_held(
 ) -> None:
     sim = SimGpu(sim_dir, total_mib=1000, reclaim_lag_s=0.0)
     proc, port = start(400, "--load-s", "2")
-    first = wait_for(lambda: get(port), timeout_s=20, what="the server to listen")
+    first = eventually(lambda: get(port), timeout_s=20, what="the server to listen")
     assert first.status_code == 503
     loading: list[int] = []
     while (response := get(port)) is not None and response.status_code == 503:
@@ -91,14 +92,14 @@ def test_sigterm_stop_takes_stop_s_and_memory_returns_only_after_exit(
     asked = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     # The main loop notices the signal within a tick; health turns 503 while it stops.
-    wait_for(
+    eventually(
         lambda: (r := get(port)) is not None and r.status_code == 503,
         what="health to say 503 while stopping",
     )
     assert proc.wait(timeout=15) == 0
     assert time.monotonic() - asked >= 0.5
     assert sim.snapshot().used_mib == 300  # the process is gone, the 'driver' lags
-    wait_for(lambda: sim.snapshot().used_mib == 0, what="memory to come back")
+    eventually(lambda: sim.snapshot().used_mib == 0, what="memory to come back")
 
 
 def test_ignores_sigterm_and_lives_until_sigkill(sim_dir: Path, start: Start) -> None:
@@ -116,7 +117,7 @@ def test_ignores_sigterm_and_lives_until_sigkill(sim_dir: Path, start: Start) ->
     assert proc.poll() is None
     proc.kill()
     assert proc.wait(timeout=10) == -signal.SIGKILL
-    wait_for(lambda: sim.snapshot().used_mib == 0, what="memory to come back")
+    eventually(lambda: sim.snapshot().used_mib == 0, what="memory to come back")
 
 
 def test_crash_after_exits_with_code_1_some_time_after_ready(sim_dir: Path, start: Start) -> None:
@@ -142,7 +143,7 @@ def test_grow_mib_adds_memory_after_ready(sim_dir: Path, start: Start) -> None:
     sim = SimGpu(sim_dir, total_mib=1000)
     proc, port = start(100, "--grow-mib", "50")
     wait_ready(proc, port)
-    wait_for(lambda: sim.holders() == {proc.pid: 150}, what="the service to grow")
+    eventually(lambda: sim.holders() == {proc.pid: 150}, what="the service to grow")
 
 
 def test_missing_sim_gpu_is_a_clear_error(tmp_path: Path, start: Start) -> None:
@@ -167,7 +168,7 @@ def test_serves_info_and_404_then_crashes_as_asked(sim_dir: Path) -> None:
     seen: dict[str, Any] = {}
 
     def probe() -> None:
-        seen["ready"] = wait_for(
+        seen["ready"] = eventually(
             lambda: (r := get(port)) is not None and r.status_code == 200 and r, what="ready"
         )
         seen["info"] = get(port, "/info")

@@ -1,32 +1,21 @@
-"""The in-memory GPU: the probe contract, OOMs, the reclaim lag, and fake processes holding VRAM."""
+"""The in-memory GPU: OOMs, the reclaim lag, and fake processes holding VRAM.
+
+Its probe contract runs in tests/contracts/test_gpu_probe_contract.py.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from gpu_probe_contract import GpuProbeContract
 
 from gpusm.clock import ManualClock
-from gpusm.config import HealthConfig, ServiceConfig
+from gpusm.config import HealthConfig, NativeServiceConfig
 from gpusm.errors import GpuProbeError, SimOutOfMemory
 from gpusm.gpu.memory import MEMORY_GPU_NAME, MemoryGpu, MemoryOom, MemoryProbe
-from gpusm.ports import GpuProbe
 from gpusm.runtimes.memory import MemoryRuntime
 
 
-class TestMemoryProbeContract(GpuProbeContract):
-    def make_probe(self, tmp_path: Path) -> GpuProbe:
-        return MemoryProbe(MemoryGpu(8192))
-
-    def hold(self, probe: GpuProbe, mib: int) -> int:
-        assert isinstance(probe, MemoryProbe)
-        probe.gpu.allocate(4242, mib)
-        return 4242
-
-
-def svc(name: str, vram_mib: int = 1000) -> ServiceConfig:
-    return ServiceConfig(
+def svc(name: str, vram_mib: int = 1000) -> NativeServiceConfig:
+    return NativeServiceConfig(
         name=name, command=["fake"], vram_mib=vram_mib, health=HealthConfig(tcp="h:1")
     )
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 import pytest
-from fake_pynvml import FakeGpu, FakeNvml, FakeProcess, NVMLError
 
 from gpusm.errors import GpuProbeError
 from gpusm.gpu import NvmlProbe
+from tests.gpu.fake_pynvml import FakeGpu, FakeNvml, FakeProcess, NVMLError
 
 _MIB = 1024 * 1024
 

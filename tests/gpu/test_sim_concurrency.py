@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sim_helpers import Spawner
-
 from gpusm.gpu import SimGpu
+from tests.gpu.sim_helpers import Spawner
 
 # Each worker allocates and releases at random; after every step it reads the GPU and
 # notes the largest 'used' it saw. It reports what it believes it holds and its OOM count,

@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from sim_helpers import Spawner, wait_for
 
 from gpusm.errors import GpuProbeError, SimOutOfMemory
 from gpusm.gpu import SimGpu
+from tests.gpu.sim_helpers import Spawner
+from tests.support import eventually
 
 
 class ManualTime:
@@ -238,7 +239,7 @@ def test_real_time_lag_frees_memory_after_exit(sim_dir: Path, spawner: Spawner) 
     child.wait(timeout=10)
     seen_dead = time.time()
     assert sim.snapshot().used_mib == 250
-    wait_for(lambda: sim.snapshot().used_mib == 0, what="memory to come back")
+    eventually(lambda: sim.snapshot().used_mib == 0, what="memory to come back")
     assert time.time() - seen_dead >= 0.3
 
 
@@ -250,7 +251,7 @@ def test_zombie_holder_counts_as_dead(sim_dir: Path, spawner: Spawner) -> None:
     assert child.stdin is not None
     child.stdin.close()
     # Not reaped: the child stays a zombie until the fixture waits for it.
-    wait_for(lambda: sim.snapshot().used_mib == 0, what="the zombie to be seen dead")
+    eventually(lambda: sim.snapshot().used_mib == 0, what="the zombie to be seen dead")
     assert child.poll() is not None
 
 

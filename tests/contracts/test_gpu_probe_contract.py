@@ -1,4 +1,4 @@
-"""The GpuProbe contract, run against the simulated GPU, NVML over a fake pynvml, and real NVML."""
+"""The GpuProbe contract against every probe: in-memory, sim, NVML on a fake pynvml, real NVML."""
 
 from __future__ import annotations
 
@@ -6,14 +6,25 @@ import os
 from pathlib import Path
 
 import pytest
-from fake_pynvml import FakeGpu, FakeNvml, FakeProcess
-from gpu_probe_contract import GpuProbeContract
 
 from gpusm.errors import GpuProbeError
 from gpusm.gpu import NvmlProbe, SimGpu, SimProbe
+from gpusm.gpu.memory import MemoryGpu, MemoryProbe
 from gpusm.ports import GpuProbe
+from tests.contracts.gpu_probe_contract import GpuProbeContract
+from tests.gpu.fake_pynvml import FakeGpu, FakeNvml, FakeProcess
 
 _MIB = 1024 * 1024
+
+
+class TestMemoryProbeContract(GpuProbeContract):
+    def make_probe(self, tmp_path: Path) -> GpuProbe:
+        return MemoryProbe(MemoryGpu(8192))
+
+    def hold(self, probe: GpuProbe, mib: int) -> int:
+        assert isinstance(probe, MemoryProbe)
+        probe.gpu.allocate(4242, mib)
+        return 4242
 
 
 class TestSimProbeContract(GpuProbeContract):

@@ -4,12 +4,13 @@
 ``reason`` a person can read ("connection refused to http://…", "status 503",
 "exit 1: <stderr tail>", "timed out after 2.0s").
 
-``Health.wait_healthy`` polls on :func:`next_interval`'s schedule. Without a
-configured ``interval_s`` the schedule is adaptive: probe every 2% of the time since
-the service started, at least every 10 ms and at most every 1 s. Readiness then is
-noticed, at the median, within about half an interval plus one probe: ≤ max(25 ms,
-2% of the service's own load time), while a service that loads for minutes is
-probed about once a second.
+``Health.wait_healthy`` polls on :func:`next_interval`'s schedule (the loop,
+:func:`poll_until_healthy`, is shared with the in-memory fake in
+:mod:`gpusm.health.memory`). Without a configured ``interval_s`` the schedule is
+adaptive: probe every 1% of the time since the service started, at least every
+10 ms and at most every 1 s. Readiness then is noticed, at the median, within about
+half an interval plus one probe: ≤ max(25 ms, 2% of the service's own load time),
+while a service that loads for minutes is probed about once a second.
 """
 
 from __future__ import annotations
@@ -24,12 +25,19 @@ import httpx
 
 from gpusm.clock import SystemClock
 from gpusm.ports import Clock, HealthResult
-from gpusm.runtimes.native import kill_tree
+from gpusm.procs import kill_tree
 
 if TYPE_CHECKING:
     from gpusm.config import HealthConfig
 
-__all__ = ["ADAPTIVE_FACTOR", "MAX_INTERVAL_S", "MIN_INTERVAL_S", "Health", "next_interval"]
+__all__ = [
+    "ADAPTIVE_FACTOR",
+    "MAX_INTERVAL_S",
+    "MIN_INTERVAL_S",
+    "Health",
+    "next_interval",
+    "poll_until_healthy",
+]
 
 # Adaptive schedule: interval = clamp(ADAPTIVE_FACTOR * elapsed, MIN, MAX). Waiting half
 # an interval on average, detection lags readiness by ~0.5% of the load time, well inside
@@ -51,6 +59,46 @@ def next_interval(elapsed_s: float, configured: float | None) -> float:
     if configured is not None:
         return configured
     return min(max(ADAPTIVE_FACTOR * max(elapsed_s, 0.0), MIN_INTERVAL_S), MAX_INTERVAL_S)
+
+
+def poll_until_healthy(
+    probe: Callable[[HealthConfig, float], HealthResult],
+    clock: Clock,
+    health: HealthConfig,
+    deadline_s: float,
+    still_alive: Callable[[], bool] = lambda: True,
+    started_at: float | None = None,
+) -> HealthResult:
+    """The wait every health checker shares, whatever its ``probe(health, timeout_s)`` asks.
+
+    Before each probe: a dead process ends the wait ("process exited before becoming
+    healthy"), and so does a passed deadline ("not healthy after …", no probe made).
+    Each probe is bounded by the probe timeout and by what is left of the deadline;
+    between probes the clock sleeps :func:`next_interval`, never past the deadline.
+    """
+    began = clock.monotonic()
+    start = began if started_at is None else started_at
+    probes = 0
+    last = "no probe made"
+
+    def verdict(ok: bool, reason: str) -> HealthResult:
+        elapsed = clock.monotonic() - began
+        return HealthResult(ok=ok, reason=reason, probes=probes, elapsed_s=elapsed)
+
+    while True:
+        if not still_alive():
+            return verdict(False, f"process exited before becoming healthy ({last})")
+        now = clock.monotonic()
+        remaining = deadline_s - now
+        if remaining <= 0:
+            return verdict(False, f"not healthy after {now - start:.1f}s: {last}")
+        result = probe(health, min(health.probe_timeout_s, remaining))
+        probes += 1
+        if result.ok:
+            return verdict(True, "")
+        last = result.reason
+        pause = next_interval(clock.monotonic() - start, health.interval_s)
+        clock.sleep(min(pause, max(0.0, deadline_s - clock.monotonic())))
 
 
 class Health:
@@ -90,29 +138,9 @@ class Health:
         ``started_at`` (monotonic) is when the service was launched; the adaptive
         schedule grows with the time since then.
         """
-        began = self.clock.monotonic()
-        start = began if started_at is None else started_at
-        probes = 0
-        last = "no probe made"
-        while True:
-            if not still_alive():
-                return self._verdict(
-                    False, f"process exited before becoming healthy ({last})", probes, began
-                )
-            now = self.clock.monotonic()
-            remaining = deadline_s - now
-            if remaining <= 0:
-                waited = now - start
-                return self._verdict(
-                    False, f"not healthy after {waited:.1f}s: {last}", probes, began
-                )
-            result = self.probe(health, min(health.probe_timeout_s, remaining))
-            probes += 1
-            if result.ok:
-                return self._verdict(True, "", probes, began)
-            last = result.reason
-            pause = next_interval(self.clock.monotonic() - start, health.interval_s)
-            self.clock.sleep(min(pause, max(0.0, deadline_s - self.clock.monotonic())))
+        return poll_until_healthy(
+            self.probe, self.clock, health, deadline_s, still_alive, started_at
+        )
 
     def close(self) -> None:
         """Close the HTTP client; idempotent."""
@@ -126,10 +154,6 @@ class Health:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _verdict(self, ok: bool, reason: str, probes: int, began: float) -> HealthResult:
-        elapsed = self.clock.monotonic() - began
-        return HealthResult(ok=ok, reason=reason, probes=probes, elapsed_s=elapsed)
 
     def _http_client(self) -> httpx.Client | None:
         with self._client_lock:
