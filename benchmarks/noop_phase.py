@@ -23,7 +23,7 @@ from benchmarks.common import (
     percentile,
     write_config,
 )
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
 
 __all__ = ["run"]
 

@@ -39,7 +39,7 @@ from benchmarks.common import (
     wait_http_ok,
     write_config,
 )
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
 from gpusm.gpu.sim import SimGpu
 from gpusm.ports import EventQuery
 

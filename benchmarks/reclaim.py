@@ -4,7 +4,7 @@ Real processes each hold memory on a simulated GPU with no driver lag. One at a 
 a process is killed (SIGKILL, so it exits at once) and the time until the memory is
 confirmed free is measured from the kill:
 
-- gpusm: ``gpusm.reclaim.wait_reclaimed`` with the arguments ``finish_stop`` gives it
+- gpusm: ``gpusm.engine.reclaim.wait_reclaimed`` with the arguments ``finish_stop`` gives it
   (the pids, nothing expected free beyond them, no more unattributed memory than
   before); it polls at 5 ms, then backs off by half each time, up to 100 ms;
 - baseline: the best any poller of the same probe can do, reading the GPU in a tight
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import Ctx, Row, median, ms, percentile
+from gpusm.engine.reclaim import unattributed_mib, wait_reclaimed
 from gpusm.gpu.sim import SimGpu, SimProbe
-from gpusm.reclaim import unattributed_mib, wait_reclaimed
 
 __all__ = ["run"]
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks.common import Ctx, Row, fake_service_entry, free_port, median, ms, write_config
 from benchmarks.loggen import generate_log
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
 from gpusm.domain.events import COORDINATOR_STREAM, EVENT_TYPES, NewEvent, ServiceEvent
 from gpusm.domain.machine import TRANSITIONS, ServiceMachine
 from gpusm.domain.states import State

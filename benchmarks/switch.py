@@ -44,7 +44,7 @@ from benchmarks.common import (
     write_config,
 )
 from benchmarks.standalone import HandRun, HandScript, Pair, driver, exit_watch, watch
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
 from gpusm.domain.events import RecordedEvent
 from gpusm.gpu.sim import SimGpu
 from gpusm.ports import EventQuery
@@ -147,8 +147,8 @@ def _measure(
             for rep in range(reps):
                 target = "pb" if rep % 2 == 0 else "pa"
                 last = coordinator.events(EventQuery(newest_first=True, limit=1))[0].seq
-                url = str(coordinator.core.config.services[target[1]].health.http)
-                victim = coordinator.core.slots["a" if target == "pb" else "b"].handle
+                url = str(coordinator.config.services[target[1]].health.http)
+                victim = coordinator.instances().get("a" if target == "pb" else "b")
                 if victim is None or victim.pid is None:
                     raise RuntimeError("the victim has no pid")
                 with watch(client, url) as ready, exit_watch(victim.pid) as exited:

@@ -14,15 +14,27 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from gpusm.errors import ConfigError
 
 __all__ = [
+    "SERVICE_KINDS",
+    "AnyService",
     "ApiConfig",
     "Config",
+    "DockerServiceConfig",
     "GpuConfig",
     "HealthConfig",
+    "NativeServiceConfig",
     "PhaseConfig",
     "RestartConfig",
     "ServiceConfig",
@@ -30,6 +42,7 @@ __all__ = [
     "find_config_path",
     "load_config",
     "parse_config",
+    "to_yaml",
 ]
 
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -116,24 +129,16 @@ class RestartConfig(_Strict):
 
 
 class ServiceConfig(_Strict):
-    """One model server: how to run it, how big it is, how important, how to check it."""
+    """One model server: how big it is, how important, how to check it, how to stop it.
+
+    What the engine reads. How to *run* it depends on ``runtime``, which picks one of
+    the subclasses (:class:`NativeServiceConfig`, :class:`DockerServiceConfig`); only
+    that runtime's adapter reads their fields.
+    """
 
     name: str = ""
-    runtime: Literal["native", "docker"] = "native"
-    # native
-    command: list[str] | None = None
-    cwd: Path | None = None
+    runtime: str = "native"
     env: dict[str, str] = {}
-    # docker
-    image: str | None = None
-    ports: list[str] = []
-    volumes: list[str] = []
-    gpus: Literal["all"] | list[NonNegInt] | None = None
-    network_mode: str | None = None
-    pid_mode: str | None = None
-    init: bool = True
-    pull: bool = False
-    # both
     vram_mib: NonNegInt
     priority: int = 0
     gpu: NonNegInt = 0
@@ -143,18 +148,51 @@ class ServiceConfig(_Strict):
     idle_ttl_s: PosFloat | None = None
     restart: RestartConfig = RestartConfig()
 
+    def published_ports(self) -> set[int]:
+        """Host ports the runtime binds for this service (beyond its health check's)."""
+        return set()
+
+    def resolved(self, base: Path) -> ServiceConfig:
+        """This service with its relative paths made absolute against ``base``."""
+        return self
+
+    def host_ports(self) -> set[int]:
+        """Every host port this service claims (published ports and its health check)."""
+        ports = self.published_ports()
+        health = self.health.port()
+        if health is not None:
+            ports.add(health)
+        return ports
+
+
+class NativeServiceConfig(ServiceConfig):
+    """A service run as a local process group: ``command`` in ``cwd`` with ``env``."""
+
+    runtime: Literal["native"] = "native"
+    command: Annotated[list[str], Field(min_length=1)]
+    cwd: Path | None = None
+
+    def resolved(self, base: Path) -> NativeServiceConfig:
+        """``cwd`` made absolute against ``base``."""
+        return self.model_copy(update={"cwd": _absolute(self.cwd, base)})
+
+
+class DockerServiceConfig(ServiceConfig):
+    """A service run as a Docker container of a locally available ``image``."""
+
+    runtime: Literal["docker"] = "docker"
+    image: Annotated[str, Field(min_length=1)]
+    command: list[str] | None = None
+    ports: list[str] = []
+    volumes: list[str] = []
+    gpus: Literal["all"] | list[NonNegInt] | None = None
+    network_mode: str | None = None
+    pid_mode: str | None = None
+    init: bool = True
+    pull: bool = False
+
     @model_validator(mode="after")
-    def _runtime_fields(self) -> ServiceConfig:
-        if self.runtime == "native":
-            if not self.command:
-                raise ValueError("a native service needs command: [program, args...]")
-            for key in ("image", "ports", "volumes", "gpus", "network_mode", "pid_mode"):
-                if getattr(self, key):
-                    raise ValueError(
-                        f"{key} is for docker services; remove it or set runtime: docker"
-                    )
-        elif not self.image:
-            raise ValueError("a docker service needs image: NAME[:TAG]")
+    def _port_specs(self) -> DockerServiceConfig:
         for spec in self.ports:
             if _host_port(spec) is None:
                 raise ValueError(
@@ -162,13 +200,31 @@ class ServiceConfig(_Strict):
                 )
         return self
 
-    def host_ports(self) -> set[int]:
-        """Every host port this service claims (published ports and its health check)."""
-        ports = {p for p in (_host_port(s) for s in self.ports) if p is not None}
-        health = self.health.port()
-        if health is not None:
-            ports.add(health)
-        return ports
+    def published_ports(self) -> set[int]:
+        """The host side of every ``ports`` entry."""
+        return {p for p in (_host_port(s) for s in self.ports) if p is not None}
+
+    def resolved(self, base: Path) -> DockerServiceConfig:
+        """Host paths of ``volumes`` that start with ``.`` or ``~`` made absolute."""
+        return self.model_copy(update={"volumes": [_resolve_volume(v, base) for v in self.volumes]})
+
+
+def _runtime_of(raw: Any) -> str:
+    if isinstance(raw, Mapping):
+        return str(raw.get("runtime", "native"))
+    return str(getattr(raw, "runtime", "native"))
+
+
+# The runtimes a config may name; each entry is the model of its services.
+SERVICE_KINDS: dict[str, type[ServiceConfig]] = {
+    "native": NativeServiceConfig,
+    "docker": DockerServiceConfig,
+}
+
+AnyService = Annotated[
+    Annotated[NativeServiceConfig, Tag("native")] | Annotated[DockerServiceConfig, Tag("docker")],
+    Discriminator(_runtime_of),
+]
 
 
 def _host_port(spec: str) -> int | None:
@@ -199,7 +255,7 @@ class Config(_Strict):
     state_dir: Path = Path("./state")
     database: str | None = None
     gpu: GpuConfig = GpuConfig()
-    services: dict[Name, ServiceConfig] = {}
+    services: dict[Name, AnyService] = {}
     phases: dict[Name, PhaseConfig] = {}
     pipeline: list[str] = []
     api: ApiConfig = ApiConfig()
@@ -283,6 +339,47 @@ _FIXES = {
 }
 
 
+def _config_error(exc: ValidationError, source: str) -> ConfigError:
+    """The first validation error as one message naming the key and a fix."""
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(err["loc"])
+    kind = loc[2] if len(loc) > 2 and loc[0] == "services" else None
+    if kind in SERVICE_KINDS:
+        loc = loc[:2] + loc[3:]  # the runtime's tag is not a key of the file
+    key = _key_path(loc)
+    problem = str(err["msg"]).removeprefix("Value error, ")
+    fix = _FIXES.get(str(err["type"]), "see the config reference in README.md")
+    if err["type"] == "literal_error":
+        fix = f"use {problem.removeprefix('Input should be ')}"
+    elif err["type"] == "value_error":
+        fix = problem
+    elif err["type"] == "union_tag_invalid":
+        problem = f"runtime must be one of {', '.join(SERVICE_KINDS)}"
+        fix = f"use runtime: {' or runtime: '.join(SERVICE_KINDS)}"
+        key += ".runtime"
+    elif kind is not None and len(loc) == 3:
+        problem, fix = _service_key_problem(str(kind), str(loc[2]), err["type"], problem, fix)
+    return ConfigError(source, key, problem, fix)
+
+
+def _service_key_problem(
+    kind: str, field: str, error: str, problem: str, fix: str
+) -> tuple[str, str]:
+    """Say what a service of this runtime lacks or must not have, in the file's words."""
+    if error == "missing" and field == "command" and kind == "native":
+        return "a native service needs command: [program, args...]", "add command:"
+    if error == "missing" and field == "image" and kind == "docker":
+        return "a docker service needs image: NAME[:TAG]", "add image:"
+    others = [k for k, model in SERVICE_KINDS.items() if field in model.model_fields]
+    if error == "extra_forbidden" and others:
+        where = " or ".join(others)
+        return (
+            f"{field} is for {where} services",
+            f"remove it or set runtime: {others[0]}",
+        )
+    return problem, fix
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
@@ -309,40 +406,26 @@ def parse_config(
     try:
         config = Config.model_validate(dict(raw))
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        key = _key_path(tuple(err["loc"]))
-        problem = str(err["msg"]).removeprefix("Value error, ")
-        fix = _FIXES.get(str(err["type"]), "see the config reference in README.md")
-        if err["type"] == "literal_error":
-            fix = f"use {problem.removeprefix('Input should be ')}"
-        if err["type"] == "value_error":
-            fix = problem
-        raise ConfigError(source, key, problem, fix) from None
+        raise _config_error(exc, source) from None
     config = _resolve_paths(config, base or Path.cwd())
     _check_references(config, source)
     return config.model_copy(update={"source": Path(source) if source != "<config>" else None})
 
 
-def _resolve_paths(config: Config, base: Path) -> Config:
-    def absolute(p: Path | None) -> Path | None:
-        return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+def _absolute(p: Path | None, base: Path) -> Path | None:
+    return None if p is None else (p if p.is_absolute() else (base / p).resolve())
 
-    services = {
-        name: svc.model_copy(
-            update={
-                "cwd": absolute(svc.cwd),
-                "volumes": [_resolve_volume(v, base) for v in svc.volumes],
-            }
-        )
-        for name, svc in config.services.items()
-    }
-    sim = config.gpu.sim.model_copy(update={"dir": absolute(config.gpu.sim.dir)})
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    services = {name: svc.resolved(base) for name, svc in config.services.items()}
+    sim = config.gpu.sim.model_copy(update={"dir": _absolute(config.gpu.sim.dir, base)})
+    token_file = _absolute(config.api.token_file, base)
     return config.model_copy(
         update={
-            "state_dir": absolute(config.state_dir),
+            "state_dir": _absolute(config.state_dir, base),
             "gpu": config.gpu.model_copy(update={"sim": sim}),
             "services": services,
-            "api": config.api.model_copy(update={"token_file": absolute(config.api.token_file)}),
+            "api": config.api.model_copy(update={"token_file": token_file}),
         }
     )
 
@@ -424,6 +507,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if raw is None:
         raw = {}
     return parse_config(raw, source=str(file), base=file.resolve().parent)
+
+
+def to_yaml(doc: Mapping[str, Any]) -> str:
+    """``doc`` as YAML, keys in the given order (for files that gpusm writes)."""
+    return str(yaml.safe_dump(dict(doc), sort_keys=False))
 
 
 def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

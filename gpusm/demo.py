@@ -2,7 +2,7 @@
 
 It writes a config into a demo folder (four fake model servers at the plan's sizes and
 priorities, load times scaled down), runs crawl → analysis → tts → video → render for a
-few items through a real :class:`~gpusm.coordinator.Coordinator`, samples the simulated
+few items through a real :class:`~gpusm.engine.coordinator.Coordinator`, samples the simulated
 GPU the whole time, and returns a summary. The database stays for ``gpusm events``.
 """
 
@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from gpusm.coordinator import Coordinator
-from gpusm.gpu.sim import SimGpu
+from gpusm.config import to_yaml
+from gpusm.engine.coordinator import Coordinator
 from gpusm.ports import EventQuery
 from gpusm.results import PhaseResult
+from gpusm.wiring import open_sim
 
 __all__ = ["DemoSummary", "run_demo", "write_demo_config"]
 
@@ -87,7 +86,7 @@ def write_demo_config(folder: Path) -> Path:
         "pipeline": PIPELINE,
     }
     path = folder / "gpusm.yaml"
-    path.write_text("# Written by `gpusm demo`.\n" + yaml.safe_dump(doc, sort_keys=False))
+    path.write_text("# Written by `gpusm demo`.\n" + to_yaml(doc))
     return path
 
 
@@ -112,15 +111,15 @@ class DemoSummary:
 class _Sampler(threading.Thread):
     """Reads the simulated GPU every 20 ms and keeps the peak."""
 
-    def __init__(self, sim: SimGpu) -> None:
+    def __init__(self, used_mib: Callable[[], int]) -> None:
         super().__init__(name="gpusm-demo-sampler", daemon=True)
-        self.sim = sim
+        self.used_mib = used_mib
         self.peak = 0
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
         while not self.stop_flag.wait(0.02):
-            self.peak = max(self.peak, self.sim.snapshot().used_mib)
+            self.peak = max(self.peak, self.used_mib())
 
 
 def run_demo(
@@ -134,11 +133,11 @@ def run_demo(
     summary = DemoSummary(items=items, config=config)
     began = time.monotonic()
     with Coordinator.from_config(config) as coordinator:
-        sim = SimGpu(coordinator.core.config.sim_dir)
+        sim = open_sim(coordinator.config)
         ooms_before = len(sim.ooms())
         newest = coordinator.events(EventQuery(newest_first=True, limit=1))
         after = newest[0].seq if newest else 0
-        sampler = _Sampler(sim)
+        sampler = _Sampler(lambda: sim.snapshot().used_mib)
         sampler.start()
         try:
             for item in range(1, items + 1):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gpusm.domain.events import NewEvent, RecordedEvent
 
@@ -109,7 +109,14 @@ class DeviceSnapshot:
 
 
 class GpuProbe(Protocol):
-    """Reads VRAM per device and per process."""
+    """Reads VRAM per device and per process.
+
+    ``slack_mib`` is how far memory that no listed process holds (driver contexts,
+    caches) may wobble between two readings: 0 where accounting is exact (a simulated
+    GPU), a little on a real driver.
+    """
+
+    slack_mib: int
 
     def device_count(self) -> int:
         """Number of visible devices."""
@@ -117,6 +124,10 @@ class GpuProbe(Protocol):
 
     def snapshot(self, device: int | str = 0) -> DeviceSnapshot:
         """Memory of one device, by index or UUID; GpuProbeError if it cannot be read."""
+        ...
+
+    def oom_count(self) -> int | None:
+        """Out-of-memory failures the backend has seen, or None if it cannot know."""
         ...
 
     def close(self) -> None:
@@ -127,22 +138,43 @@ class GpuProbe(Protocol):
 # ---------------------------------------------------------------- runtimes
 @dataclass(frozen=True)
 class Handle:
-    """What identifies a running instance: a pid with its create time, or a container."""
+    """What identifies a running instance: a pid with its create time, or a container.
+
+    ``kind`` names the runtime that started it (its key in the runtime registry), so
+    an instance is always observed and stopped through that runtime, whatever the
+    service's configuration says today.
+    """
 
     service: str
     instance: str
     pid: int | None = None
     create_time: float | None = None
     container_id: str | None = None
+    kind: str = "native"
 
     def as_data(self) -> dict[str, object]:
-        """The JSON form stored in ``ProcessLaunched`` events."""
+        """The JSON form stored in ``ProcessLaunched`` and ``Adopted`` events."""
         return {
             "instance": self.instance,
             "pid": self.pid,
             "create_time": self.create_time,
             "container_id": self.container_id,
+            "runtime": self.kind,
         }
+
+    @classmethod
+    def from_data(cls, service: str, data: Mapping[str, Any]) -> Handle:
+        """The handle stored by :meth:`as_data` (events written before ``runtime`` was
+        recorded name a container id only when Docker started them)."""
+        kind = data.get("runtime") or ("docker" if data.get("container_id") else "native")
+        return cls(
+            service=service,
+            instance=str(data["instance"]),
+            pid=data.get("pid"),
+            create_time=data.get("create_time"),
+            container_id=data.get("container_id"),
+            kind=str(kind),
+        )
 
 
 @dataclass(frozen=True)
@@ -155,7 +187,12 @@ class StopResult:
 
 
 class Runtime(Protocol):
-    """Starts, watches and stops service instances of one kind (native or docker)."""
+    """Starts, watches and stops service instances of one kind (native, docker, ...).
+
+    ``kind`` is the runtime's name in the registry; every handle it returns carries it.
+    """
+
+    kind: str
 
     def start(self, service: ServiceConfig, instance: str) -> Handle:
         """Launch ``service``; ServiceStartFailed if it cannot."""
@@ -175,6 +212,21 @@ class Runtime(Protocol):
 
     def find_orphans(self) -> list[Handle]:
         """Every live instance that carries gpusm's marker, ours or left from before."""
+        ...
+
+    def exit_code(self, handle: Handle) -> int | None:
+        """The instance's exit status once it ended and is known; else None.
+
+        Negative means killed by that signal, as in :attr:`subprocess.Popen.returncode`.
+        """
+        ...
+
+    def log_tail(self, handle: Handle, lines: int = 20) -> str:
+        """The last ``lines`` lines the instance wrote ("" if none can be read); never raises."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; idempotent."""
         ...
 
 

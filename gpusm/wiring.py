@@ -1,18 +1,55 @@
-"""The one place that turns a :class:`Config` into concrete adapters."""
+"""The composition root: the one place that turns a :class:`Config` into concrete adapters.
+
+Nothing else in the package imports a concrete store, GPU probe or runtime. The CLI,
+the API, the demo and ``Coordinator.from_config`` all ask here:
+
+- :func:`open_coordinator`: lock the state directory, build the engine, recover;
+- :func:`open_store` / :func:`upgrade_store` / :func:`store_revision`: the event log;
+- :func:`build_probe`, :func:`build_runtimes` (through :data:`RUNTIMES`);
+- the simulated GPU and its fake model server, for the demo and ``gpusm sim``.
+
+Adding a runtime kind is one adapter module and one entry in :data:`RUNTIMES`.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from gpusm.clock import SystemClock
 from gpusm.config import Config
-from gpusm.core import Core
+from gpusm.engine.coordinator import Coordinator, set_opener
+from gpusm.engine.state import Engine
+from gpusm.errors import ConfigError
+from gpusm.gpu.fake_server import EXIT_OOM, FakeServerOptions, run_fake_server
+from gpusm.gpu.sim import SimGpu
 from gpusm.health import Health
-from gpusm.ports import Clock, GpuProbe, Runtime
-from gpusm.store.sql import SqlEventStore
+from gpusm.lock import StateDirLock
+from gpusm.ports import Clock, EventStore, GpuProbe, Runtime
 
-__all__ = ["DEPLOYMENT_ENV", "build_core", "build_probe", "deployment_id"]
+__all__ = [
+    "DEPLOYMENT_ENV",
+    "EXIT_OOM",
+    "FakeServerOptions",
+    "SimGpu",
+    "RUNTIMES",
+    "RuntimeContext",
+    "RuntimeFactory",
+    "build_engine",
+    "build_probe",
+    "build_runtimes",
+    "deployment_id",
+    "open_coordinator",
+    "open_sim",
+    "open_sim_dir",
+    "open_store",
+    "run_fake_server",
+    "sim_exists",
+    "store_revision",
+    "upgrade_store",
+]
 
 # Every service gpusm starts carries the id of the state directory that owns it, so two
 # deployments on one machine never adopt or reap each other's processes.
@@ -24,65 +61,176 @@ def deployment_id(config: Config) -> str:
     return hashlib.sha256(str(config.state_dir).encode()).hexdigest()[:12]
 
 
+# ---------------------------------------------------------------- event store
+def open_store(config: Config, *, upgrade: bool = True) -> EventStore:
+    """The event store of ``config`` (SQLite), migrated to the newest schema unless told not."""
+    from gpusm.store.sql import SqlEventStore
+
+    return SqlEventStore(config.database_url, upgrade=upgrade)
+
+
+def upgrade_store(config: Config) -> str:
+    """Create or migrate the event database; returns its schema revision."""
+    from gpusm.store.sql import upgrade
+
+    return upgrade(config.database_url)
+
+
+def store_revision(config: Config) -> str:
+    """The schema revision of an existing event database, without migrating it."""
+    from gpusm.store.sql import SqlEventStore
+
+    store = SqlEventStore(config.database_url, upgrade=False)
+    try:
+        return str(store.settings()["schema_revision"])
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- GPU
+def open_sim(config: Config) -> SimGpu:
+    """The simulated GPU of ``config`` (created if new), for the demo and ``gpusm sim``."""
+    sim = config.gpu.sim
+    return open_sim_dir(config.sim_dir, sim.total_mib, sim.reclaim_lag_s, apply=True)
+
+
+def open_sim_dir(
+    directory: Path,
+    total_mib: int | None = None,
+    reclaim_lag_s: float | None = None,
+    *,
+    apply: bool = False,
+) -> SimGpu:
+    """The simulated GPU in ``directory``, created if new; ``apply`` makes the given size
+    and lag take effect on an existing one too."""
+    if SimGpu.exists(directory) and not apply:
+        return SimGpu(directory)
+    return SimGpu(directory, total_mib, reclaim_lag_s)
+
+
+def sim_exists(directory: Path) -> bool:
+    """Whether a simulated GPU was created in ``directory``."""
+    return SimGpu.exists(directory)
+
+
 def build_probe(config: Config) -> GpuProbe:
     """The GPU probe the config names (NVML, or the simulated GPU, created if new)."""
     if config.gpu.backend == "sim":
-        from gpusm.gpu.sim import SimGpu, SimProbe
+        from gpusm.gpu.sim import SimProbe
 
-        sim = config.gpu.sim
-        return SimProbe(SimGpu(config.sim_dir, sim.total_mib, sim.reclaim_lag_s))
+        return SimProbe(open_sim(config))
     from gpusm.gpu.nvml import NvmlProbe
 
     return NvmlProbe()
 
 
-def _runtimes(config: Config) -> dict[str, Runtime]:
-    deployment = deployment_id(config)
-    env = {DEPLOYMENT_ENV: deployment}
-    if config.gpu.backend == "sim":
-        env["GPUSM_SIM_DIR"] = str(config.sim_dir)
+# ---------------------------------------------------------------- runtimes
+@dataclass(frozen=True)
+class RuntimeContext:
+    """What every runtime of one deployment shares: its marker and where logs go."""
+
+    kind: str
+    deployment: str
+    # Added to every service's environment (the deployment marker, the sim GPU's folder).
+    env: Mapping[str, str]
+    log_dir: Path
+
+
+RuntimeFactory = Callable[[RuntimeContext], Runtime]
+
+
+def _native(ctx: RuntimeContext) -> Runtime:
+    from gpusm.runtimes.native import NativeRuntime
 
     def ours(environ: Mapping[str, str]) -> bool:
         # Processes inside our containers carry the same markers; Docker owns those.
         return (
-            environ.get(DEPLOYMENT_ENV) == deployment and environ.get("GPUSM_RUNTIME") != "docker"
+            environ.get(DEPLOYMENT_ENV) == ctx.deployment
+            and environ.get("GPUSM_RUNTIME") != "docker"
         )
 
-    from gpusm.runtimes.native import NativeRuntime
+    return NativeRuntime(ctx.log_dir, extra_env=ctx.env, marker_filter=ours, kind=ctx.kind)
 
-    runtimes: dict[str, Runtime] = {
-        "native": NativeRuntime(config.state_dir / "logs", extra_env=env, marker_filter=ours)
-    }
-    if any(s.runtime == "docker" for s in config.services.values()):
-        from gpusm.runtimes.docker import DockerRuntime
 
-        runtimes["docker"] = DockerRuntime(
-            extra_env=env, extra_labels={"gpusm.deployment": deployment}
-        )
+def _docker(ctx: RuntimeContext) -> Runtime:
+    from gpusm.runtimes.docker import DockerRuntime
+
+    return DockerRuntime(
+        extra_env=ctx.env, extra_labels={"gpusm.deployment": ctx.deployment}, kind=ctx.kind
+    )
+
+
+# The runtime registry: a service's ``runtime:`` names its entry.
+RUNTIMES: dict[str, RuntimeFactory] = {"native": _native, "docker": _docker}
+
+# Always opened, so that recovery sees (and can reap) what it left behind.
+_ALWAYS = ("native",)
+
+
+def build_runtimes(
+    config: Config, registry: Mapping[str, RuntimeFactory] | None = None
+) -> dict[str, Runtime]:
+    """One runtime per kind that ``config`` uses (native always), from ``registry``."""
+    registry = RUNTIMES if registry is None else registry
+    deployment = deployment_id(config)
+    env = {DEPLOYMENT_ENV: deployment}
+    if config.gpu.backend == "sim":
+        env["GPUSM_SIM_DIR"] = str(config.sim_dir)
+    kinds = [k for k in _ALWAYS if k in registry]
+    kinds += sorted({s.runtime for s in config.services.values()} - set(kinds))
+    runtimes: dict[str, Runtime] = {}
+    for kind in kinds:
+        if kind not in registry:
+            raise ConfigError(
+                str(config.source or "<config>"),
+                "runtime",
+                f"no runtime {kind!r} is registered",
+                f"use one of {', '.join(sorted(registry))}",
+            )
+        ctx = RuntimeContext(kind, deployment, env, config.state_dir / "logs")
+        runtimes[kind] = registry[kind](ctx)
     return runtimes
 
 
-def build_core(config: Config, *, clock: Clock | None = None) -> Core:
+# ---------------------------------------------------------------- the engine
+def build_engine(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    registry: Mapping[str, RuntimeFactory] | None = None,
+) -> Engine:
     """Open the store, the probe, the runtimes and the health checker for ``config``."""
-    from gpusm.core import Slot
-    from gpusm.domain.machine import ServiceMachine
-
     config.state_dir.mkdir(parents=True, exist_ok=True)
     clock = clock or SystemClock()
-    store = SqlEventStore(config.database_url)
+    store = open_store(config)
     try:
         probe = build_probe(config)
+        runtimes = build_runtimes(config, registry)
     except BaseException:
         store.close()
         raise
-    core = Core(
-        config,
-        store=store,
-        probe=probe,
-        runtimes=_runtimes(config),
-        health=Health(clock),
-        clock=clock,
+    return Engine(
+        config, store=store, probe=probe, runtimes=runtimes, health=Health(clock), clock=clock
     )
-    for name, svc in config.services.items():
-        core.slots[name] = Slot(config=svc, machine=ServiceMachine(name))
-    return core
+
+
+def open_coordinator(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    monitor: bool = True,
+    registry: Mapping[str, RuntimeFactory] | None = None,
+) -> Coordinator:
+    """Lock the state directory, build the engine, recover, then start the monitor."""
+    lock = StateDirLock(config.state_dir)
+    lock.acquire()
+    try:
+        engine = build_engine(config, clock=clock, registry=registry)
+    except BaseException:
+        lock.release()
+        raise
+    return Coordinator.open(engine, monitor=monitor, on_close=lock.release)
+
+
+# ``Coordinator.from_config`` opens through this module, whose import wires it.
+set_opener(open_coordinator)

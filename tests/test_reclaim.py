@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from gpusm.clock import ManualClock, SystemClock
-from gpusm.config import HealthConfig, ServiceConfig
+from gpusm.config import HealthConfig, NativeServiceConfig
+from gpusm.engine.reclaim import FIRST_POLL_S, MAX_POLL_S, wait_reclaimed
 from gpusm.errors import GpuProbeError, VramNotReclaimed
 from gpusm.gpu.sim import SimGpu, SimProbe
 from gpusm.health import Health
 from gpusm.ports import DeviceSnapshot, Handle
-from gpusm.reclaim import FIRST_POLL_S, MAX_POLL_S, wait_reclaimed
 from gpusm.runtimes.native import NativeRuntime
+from tests.support import eventually
 
 
 def snap(free: int, processes: dict[int, int] | None = None) -> DeviceSnapshot:
@@ -162,7 +163,7 @@ def start_fake_server(
 ) -> tuple[Handle, Health]:
     """A healthy `gpusm sim service` holding ``vram_mib`` of the simulated GPU."""
     port = free_port()
-    svc = ServiceConfig(
+    svc = NativeServiceConfig(
         name="fake",
         command=["{python}", "-m", "gpusm", "sim", "service", "--vram-mib", str(vram_mib),
                  "--port", str(port), "--sim-dir", str(sim_dir), *flags],
@@ -174,7 +175,7 @@ def start_fake_server(
     result = health.wait_healthy(
         svc.health, time.monotonic() + 60, still_alive=lambda: rt.is_alive(handle)
     )
-    assert result.ok, f"{result.reason}\n{rt.log_tail('fake')}"
+    assert result.ok, f"{result.reason}\n{rt.log_tail(handle)}"
     return handle, health
 
 
@@ -223,10 +224,7 @@ def test_foreign_hog_that_ate_the_room_is_named(rt: NativeRuntime, sim_dir: Path
         pids = rt.pids_of(handle)
         rt.stop(handle, 5.0)
         health.close()
-        deadline = time.monotonic() + 30
-        while hog.pid not in sim.holders():
-            assert time.monotonic() < deadline, "the hog never allocated"
-            time.sleep(0.02)
+        eventually(lambda: hog.pid in sim.holders(), 30, "the hog to allocate")
         with pytest.raises(VramNotReclaimed) as info:
             wait_reclaimed(
                 SimProbe(sim), service="fake", pids=pids, expect_free_mib=TOTAL_MIB,

@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.table import Table
 
 from gpusm.cli.common import EXIT_ERROR, console, friendly_errors, is_tty
-from gpusm.coordinator import Coordinator
+from gpusm.engine.coordinator import Coordinator
 from gpusm.results import PhaseResult
 
 __all__ = ["register"]

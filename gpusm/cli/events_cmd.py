@@ -11,20 +11,19 @@ import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from gpusm import audit
 from gpusm.cli.common import EXIT_CONFIG, ConfigOption, console, fail, friendly_errors, load
 from gpusm.config import Config
 from gpusm.domain.events import RecordedEvent
+from gpusm.engine import audit
 from gpusm.errors import UnknownName
-
-if TYPE_CHECKING:
-    from gpusm.store.sql import SqlEventStore
+from gpusm.ports import EventStore
+from gpusm.wiring import open_store, upgrade_store
 
 __all__ = ["register"]
 
@@ -32,11 +31,8 @@ db_app = typer.Typer(help="Look after the event database.", no_args_is_help=True
 
 
 @contextmanager
-def _store(cfg: Config) -> Iterator[SqlEventStore]:
-    # Imported here: SQLAlchemy is slow to import, and every `gpusm` process pays for it.
-    from gpusm.store.sql import SqlEventStore
-
-    store = SqlEventStore(cfg.database_url)
+def _store(cfg: Config) -> Iterator[EventStore]:
+    store = open_store(cfg)
     try:
         yield store
     finally:
@@ -199,9 +195,7 @@ def db_upgrade(config: ConfigOption = None) -> None:
     """Create the event database, or migrate it to the newest schema."""
     cfg = load(config)
     with friendly_errors():
-        from gpusm.store.sql import upgrade
-
-        revision = upgrade(cfg.database_url)
+        revision = upgrade_store(cfg)
     console.print(
         f"event database {cfg.database_url}: schema revision {revision} (newest)", markup=False
     )

@@ -15,8 +15,7 @@ from rich.table import Table
 
 from gpusm.cli.common import EXIT_CONFIG, ConfigOption, console, fail, friendly_errors, load
 from gpusm.errors import GpuProbeError, SimOutOfMemory
-from gpusm.gpu.fake_server import EXIT_OOM, FakeServerOptions, run_fake_server
-from gpusm.gpu.sim import SimGpu
+from gpusm.wiring import EXIT_OOM, FakeServerOptions, SimGpu, open_sim_dir, run_fake_server
 
 __all__ = ["register", "resolve_sim_dir"]
 
@@ -81,9 +80,7 @@ def _open(
     total = total_mib if total_mib is not None else defaults.get("total_mib")
     lag = reclaim_lag_s if reclaim_lag_s is not None else defaults.get("reclaim_lag_s")
     try:
-        if SimGpu.exists(directory) and not apply:
-            return SimGpu(directory)
-        return SimGpu(directory, total, lag)
+        return open_sim_dir(directory, total, lag, apply=apply)
     except GpuProbeError as exc:
         fail(str(exc), EXIT_CONFIG)
 

@@ -24,7 +24,7 @@ makes the request fit.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from gpusm.domain.states import ACTIVE_STATES, RUNNING_STATES, State
@@ -35,12 +35,18 @@ __all__ = [
     "Plan",
     "ServiceView",
     "Victim",
+    "admission_ceiling",
+    "drains_suffice",
     "free_after_stopping",
     "free_for_admission",
     "idle_expired",
+    "is_my_turn",
+    "merge_plans",
+    "next_gpu_phase",
     "plan_admission",
     "release_plan",
     "request_priority",
+    "request_timeout",
     "restart_delay",
     "start_budget_left",
 ]
@@ -390,3 +396,83 @@ def start_budget_left(
     """
     recent = sum(1 for t in start_times if now - t < window_s)
     return recent < max_starts
+
+
+# ---------------------------------------------------------------- requests and plans
+def merge_plans(plans: Sequence[Plan]) -> Plan:
+    """One plan from per-device plans: it fits only if every device fits.
+
+    A failing merge is the first failing device's plan (it names what blocks it).
+    """
+    if not plans:
+        raise ValueError("merge_plans needs at least one plan")
+    if len(plans) == 1:
+        return plans[0]
+    failing = [p for p in plans if not p.fits]
+    if failing:
+        return failing[0]
+    first = plans[0]
+    return replace(
+        first,
+        need_mib=sum(p.need_mib for p in plans),
+        to_start=tuple(n for p in plans for n in p.to_start),
+        already_running=tuple(n for p in plans for n in p.already_running),
+        victims=tuple(v for p in plans for v in p.victims),
+        reason="; ".join(p.reason for p in plans),
+    )
+
+
+def drains_suffice(
+    to_start: Sequence[str], services: Mapping[str, ServiceView], gpu: GpuView
+) -> bool:
+    """Whether the services already draining on this GPU free enough for ``to_start``.
+
+    Then the request stops nothing more and waits for those drains.
+    """
+    draining = [n for n, v in services.items() if v.state is State.DRAINING]
+    if not draining:
+        return False
+    need = sum(services[n].reservation for n in to_start if n in services)
+    return need <= free_after_stopping(services, gpu, draining)
+
+
+def admission_ceiling(total_mib: int, reserve_mib: int) -> int:
+    """The most any request could ever get on a GPU: its size less the reserve.
+
+    Foreign usage is left out on purpose: it comes and goes (a crashed service's
+    memory counts as foreign until the driver frees it), so it is waited out.
+    """
+    return total_mib - reserve_mib
+
+
+def is_my_turn(ticket: int, priority: int, waiting: Mapping[int, int]) -> bool:
+    """Whether request ``ticket`` goes next among ``waiting`` (ticket -> priority).
+
+    Requests waiting for room are served highest priority first, then oldest ticket.
+    """
+    return all(
+        p < priority or (p == priority and t >= ticket) for t, p in waiting.items() if t != ticket
+    )
+
+
+def next_gpu_phase(
+    pipeline: Sequence[str], phase_services: Mapping[str, Sequence[str]], phase: str
+) -> str | None:
+    """The next phase after ``phase`` in the pipeline (wrapping around) that needs a service.
+
+    None when ``phase`` is not in the pipeline or no other phase needs a GPU service.
+    """
+    if phase not in pipeline:
+        return None
+    start = pipeline.index(phase)
+    for step in range(1, len(pipeline) + 1):
+        candidate = pipeline[(start + step) % len(pipeline)]
+        if phase_services.get(candidate):
+            return candidate if candidate != phase else None
+    return None
+
+
+def request_timeout(start_timeouts_s: Iterable[float], stop_costs_s: Iterable[float]) -> float:
+    """How long a request may wait by default: the slowest start, plus one full stop
+    (stop timeout and settle time) per service that may have to make room, plus 10 s."""
+    return max(start_timeouts_s, default=0.0) + sum(stop_costs_s) + 10.0

@@ -15,21 +15,29 @@ A pid that no runtime knows (:meth:`MemoryGpu.hog`) is foreign usage.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gpusm.clock import SystemClock
+from gpusm.config import ServiceConfig
 from gpusm.errors import GpuProbeError, SimOutOfMemory
-from gpusm.ports import Clock, DeviceSnapshot, Handle
-
-if TYPE_CHECKING:
-    from gpusm.config import ServiceConfig
-    from gpusm.runtimes.memory import MemoryRuntime
+from gpusm.ports import Clock, DeviceSnapshot, Handle, StopResult
 
 __all__ = ["MEMORY_GPU_NAME", "MemoryGpu", "MemoryOom", "MemoryProbe"]
 
 MEMORY_GPU_NAME = "gpusm in-memory GPU"
+
+
+class FakeProcesses(Protocol):
+    """What :meth:`MemoryGpu.attach` needs of a fake runtime (``MemoryRuntime`` has it)."""
+
+    on_start: Callable[[Handle, ServiceConfig], None] | None
+    on_exit: Callable[[Handle], None] | None
+
+    def stop(self, handle: Handle, grace_s: float) -> StopResult:
+        """Stop one fake instance."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,7 @@ class MemoryGpu:
         )
 
     # ------------------------------------------------------------ wiring
-    def attach(self, runtime: MemoryRuntime, sizes: Mapping[str, int] | None = None) -> None:
+    def attach(self, runtime: FakeProcesses, sizes: Mapping[str, int] | None = None) -> None:
         """Make ``runtime``'s fake processes hold VRAM while they live.
 
         A started instance allocates ``sizes[service]`` MiB (default: its ``vram_mib``;
@@ -179,6 +187,8 @@ class MemoryProbe:
     lost GPU or a broken driver would, until it is set back to None.
     """
 
+    slack_mib = 0
+
     def __init__(self, gpu: MemoryGpu) -> None:
         self.gpu = gpu
         self.unreadable: str | None = None
@@ -196,6 +206,10 @@ class MemoryProbe:
                 f"no GPU {device!r}: the in-memory GPU is index 0, uuid {self.gpu.uuid}"
             )
         return self.gpu.snapshot()
+
+    def oom_count(self) -> int | None:
+        """Allocations the in-memory GPU refused."""
+        return len(self.gpu.ooms)
 
     def close(self) -> None:
         """Nothing to release; idempotent."""

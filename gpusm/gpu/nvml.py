@@ -48,6 +48,9 @@ class NvmlProbe:
     After :meth:`close`, further reads raise GpuProbeError.
     """
 
+    # A real driver's memory that no listed process holds (contexts, caches) wobbles.
+    slack_mib = 64
+
     def __init__(self, nvml_module: Any | None = None) -> None:
         self._nvml = nvml_module
         self._lock = threading.Lock()
@@ -81,6 +84,10 @@ class NvmlProbe:
             free_mib=int(info.free) // _MIB,
             processes=processes,
         )
+
+    def oom_count(self) -> int | None:
+        """NVML does not report allocation failures: always None."""
+        return None
 
     def close(self) -> None:
         """Shut NVML down; idempotent."""

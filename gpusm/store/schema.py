@@ -38,7 +38,7 @@ from sqlalchemy import (
 )
 
 from gpusm.errors import StoreError
-from gpusm.store.memory import require_aware
+from gpusm.store.validation import require_aware
 
 __all__ = [
     "MIGRATIONS_DIR",

@@ -28,7 +28,6 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from gpusm.domain.events import NewEvent, RecordedEvent
 from gpusm.errors import ConcurrencyConflict, StoreError
 from gpusm.ports import EventQuery, StreamHead
-from gpusm.store.memory import ANY_EVENT, check_shape, check_versions, query_types, validate_query
 from gpusm.store.schema import (
     SCHEMA_REVISION,
     decode_at,
@@ -40,6 +39,13 @@ from gpusm.store.schema import (
     stream_heads,
 )
 from gpusm.store.schema import events as events_table
+from gpusm.store.validation import (
+    ANY_EVENT,
+    check_shape,
+    check_versions,
+    query_types,
+    validate_query,
+)
 
 __all__ = ["SqlEventStore", "upgrade"]
 

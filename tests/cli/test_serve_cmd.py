@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ import typer
 import yaml
 from typer.testing import CliRunner, Result
 
+from gpusm import Coordinator
 from gpusm.cli.serve_cmd import register
 from gpusm.client import Client
-from gpusm.coordinator import Coordinator
 from gpusm.lock import StateDirLock
+from tests.support import eventually
 
 
 def free_port() -> int:
@@ -84,16 +84,14 @@ def app() -> typer.Typer:
 
 
 def wait_healthy(url: str, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> dict[str, Any] | None:
         try:
             found: dict[str, Any] = httpx.get(f"{url}/healthz", timeout=1).json()
-            if found["status"] == "ok":
-                return found
         except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"no healthy daemon at {url}")
+            return None
+        return found if found["status"] == "ok" else None
+
+    return eventually(healthy, timeout, f"a healthy daemon at {url}")
 
 
 def serve_in_process(app: typer.Typer, args: list[str], then: Any = None) -> Result:

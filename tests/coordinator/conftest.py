@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from seed_helpers import seed_config, write_config
 
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
+from tests.seed_helpers import seed_config, write_config
 
 
 @pytest.fixture
@@ -30,5 +30,5 @@ def open_coordinator() -> Iterator[Callable[..., Coordinator]]:
 
     yield factory
     for coordinator in opened:
-        if not coordinator.core.closed:
+        if not coordinator.closed:
             coordinator.close(stop_services=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
 
 
 def main(argv: list[str]) -> int:

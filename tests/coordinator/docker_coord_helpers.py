@@ -9,28 +9,21 @@ is how :func:`remove_deployment_containers` finds them whatever happened in the 
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-# The Docker test helpers live beside the runtime tests; test folders are not packages.
-_RUNTIME_TESTS = str(Path(__file__).resolve().parents[1] / "runtimes")
-if _RUNTIME_TESTS not in sys.path:
-    sys.path.append(_RUNTIME_TESTS)
-
-from docker_helpers import (  # noqa: E402
+from gpusm.config import HealthConfig, load_config
+from gpusm.wiring import deployment_id
+from tests.runtimes.docker_helpers import (
     BUSYBOX_IMAGE,
     docker_cli,
     fake_server_service,
     require_test_images,
 )
-from seed_helpers import SEED, free_port, seed_config  # noqa: E402
-
-from gpusm.config import HealthConfig, load_config  # noqa: E402
-from gpusm.wiring import deployment_id  # noqa: E402
+from tests.seed_helpers import SEED, free_port, seed_config
+from tests.support import eventually
 
 __all__ = [
     "LOOKALIKE",
@@ -133,16 +126,19 @@ def is_running(container: str) -> bool:
 
 def wait_http(url: str, status: int = 200, timeout_s: float = 30.0) -> None:
     """Poll ``url`` until it answers ``status``; AssertionError naming the last answer if not."""
-    deadline = time.monotonic() + timeout_s
     last = "no answer"
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
+        nonlocal last
         try:
             got = httpx.get(url, timeout=1.0).status_code
         except httpx.HTTPError as exc:
             last = repr(exc)
-        else:
-            if got == status:
-                return
-            last = f"HTTP {got}"
-        time.sleep(0.05)
-    raise AssertionError(f"{url} did not answer {status} within {timeout_s}s ({last})")
+            return False
+        last = f"HTTP {got}"
+        return got == status
+
+    try:
+        eventually(answers, timeout_s, f"{url} to answer {status}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} (last: {last})") from None

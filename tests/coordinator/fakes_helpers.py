@@ -7,106 +7,38 @@ thread, and move the :class:`~gpusm.clock.ManualClock` by hand.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpusm import Coordinator
 from gpusm.clock import ManualClock
-from gpusm.config import Config, HealthConfig, ServiceConfig, parse_config
-from gpusm.coordinator import Coordinator
-from gpusm.core import Core, Slot
-from gpusm.domain.machine import ServiceMachine
+from gpusm.config import Config, parse_config
 from gpusm.domain.states import State
+from gpusm.engine.lifecycle import join_background
+from gpusm.engine.monitor import Monitor
+from gpusm.engine.reconcile import recover
+from gpusm.engine.state import Engine, Slot
 from gpusm.gpu.memory import MemoryGpu, MemoryProbe
-from gpusm.lifecycle import join_background
-from gpusm.monitor import Monitor
-from gpusm.ports import EventQuery, Handle, HealthResult
-from gpusm.reconcile import recover
+from gpusm.health import MemoryHealth
+from gpusm.ports import EventQuery, Handle
 from gpusm.runtimes.memory import MemoryRuntime
 from gpusm.store.memory import MemoryEventStore
 
-__all__ = ["MemoryHealth", "World", "fake_config", "fake_service", "open_world"]
+__all__ = ["World", "fake_config", "fake_service", "open_world"]
 
 _BASE_PORT = 19000
 
 
-class MemoryHealth:
-    """A :class:`gpusm.ports.HealthCheck` for fake services: ok while their process lives.
+def _listening(runtime: MemoryRuntime) -> Callable[[str], str | None]:
+    """Who answers a fake service's health check: its newest live instance, if any."""
 
-    A probe is matched to its service by the health URL. Knobs:
+    def instance(name: str) -> str | None:
+        live = [h for h in runtime.live() if h.service == name]
+        return live[-1].instance if live else None
 
-    - ``failing``: service -> reason; its probes fail with that reason while it is set.
-    - ``ready_after``: service -> how many probes each new instance fails (still
-      loading) before it answers ok.
-    - ``probes``: how many probes each service got.
-
-    ``failing`` and ``ready_after`` may be passed in, so that a coordinator recovered on
-    the same fake machine sees the same services misbehave.
-    """
-
-    def __init__(
-        self,
-        runtime: MemoryRuntime,
-        services: Mapping[str, ServiceConfig],
-        clock: ManualClock,
-        failing: dict[str, str] | None = None,
-        ready_after: dict[str, int] | None = None,
-    ) -> None:
-        self.runtime = runtime
-        self.clock = clock
-        self._by_url = {_key(s.health): name for name, s in services.items()}
-        self.failing: dict[str, str] = {} if failing is None else failing
-        self.ready_after: dict[str, int] = {} if ready_after is None else ready_after
-        self.probes: Counter[str] = Counter()
-        self._per_instance: Counter[str] = Counter()
-
-    def probe(self, health: HealthConfig) -> HealthResult:
-        """One probe: ok when the service has a live instance that is loaded and not failing."""
-        name = self._by_url.get(_key(health))
-        if name is None:
-            return HealthResult(False, f"no fake service answers at {_key(health)}")
-        self.probes[name] += 1
-        live = [h for h in self.runtime.live() if h.service == name]
-        if not live:
-            return HealthResult(False, f"connection refused to {name}")
-        instance = live[-1].instance
-        self._per_instance[instance] += 1
-        if self._per_instance[instance] <= self.ready_after.get(name, 0):
-            return HealthResult(False, f"{name} is still loading")
-        if name in self.failing:
-            return HealthResult(False, self.failing[name])
-        return HealthResult(True)
-
-    def wait_healthy(
-        self,
-        health: HealthConfig,
-        deadline_s: float,
-        still_alive: Callable[[], bool] = lambda: True,
-        started_at: float | None = None,
-    ) -> HealthResult:
-        """Probe every ``interval_s`` (0.1 s by default) of clock time until ok or the deadline."""
-        probes = 0
-        last = "no probe made"
-        while True:
-            if not still_alive():
-                return HealthResult(False, f"process exited before becoming healthy ({last})")
-            if self.clock.monotonic() >= deadline_s:
-                return HealthResult(False, f"not healthy in time: {last}", probes)
-            result = self.probe(health)
-            probes += 1
-            if result.ok:
-                return HealthResult(True, probes=probes)
-            last = result.reason
-            self.clock.sleep(health.interval_s or 0.1)
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
-def _key(health: HealthConfig) -> str:
-    return health.http or health.tcp or " ".join(health.exec or [])
+    return instance
 
 
 def fake_service(vram_mib: int, priority: int = 0, **extra: Any) -> dict[str, Any]:
@@ -155,7 +87,7 @@ class World:
     gpu: MemoryGpu
     runtime: MemoryRuntime
     health: MemoryHealth
-    core: Core
+    engine: Engine
     coordinator: Coordinator
     monitor: Monitor
     recovery: dict[str, Any] = field(default_factory=dict)
@@ -164,7 +96,7 @@ class World:
     def settle(self, timeout_s: float = 10.0) -> None:
         """Wait (real time, bounded) until every background start and stop has finished."""
         join_background(timeout_s)
-        busy = [s.name for s in self.core.slots.values() if s.busy]
+        busy = [s.name for s in self.engine.slots.values() if s.busy]
         assert not busy, f"still busy after {timeout_s}s: {busy}"
 
     def tick(self) -> None:
@@ -174,15 +106,15 @@ class World:
 
     def slot(self, name: str) -> Slot:
         """The coordinator's slot of ``name``."""
-        return self.core.slots[name]
+        return self.engine.slots[name]
 
     def state(self, name: str) -> State:
         """The state of ``name`` now."""
-        return self.core.slots[name].state
+        return self.engine.slots[name].state
 
     def handle(self, name: str) -> Handle:
         """The handle of ``name``'s running instance (it must have one)."""
-        handle = self.core.slots[name].handle
+        handle = self.engine.slots[name].handle
         assert handle is not None, f"{name} has no handle"
         return handle
 
@@ -229,7 +161,7 @@ def open_world(
     sizes: Mapping[str, int] | None = None,
     health_of: MemoryHealth | None = None,
 ) -> World:
-    """Build a core over fakes like ``gpusm.wiring.build_core`` does, and recover it.
+    """Build an engine over fakes like ``gpusm.wiring.build_engine`` does, and recover it.
 
     ``health_of``: an earlier world's health check whose ``failing`` and ``ready_after``
     the new one shares (the services misbehave, not the coordinator that asks them).
@@ -237,27 +169,26 @@ def open_world(
     clock = clock or ManualClock()
     store = store or MemoryEventStore()
     gpu = gpu or MemoryGpu(config.gpu.sim.total_mib, clock=clock)
-    runtime = runtime or MemoryRuntime(clock)
+    # The fake stands in for the native runtime that the config's services name.
+    runtime = runtime or MemoryRuntime(clock, kind="native")
     gpu.attach(runtime, sizes)
     health = MemoryHealth(
-        runtime,
-        config.services,
         clock,
+        {name: svc.health for name, svc in config.services.items()},
+        listening=_listening(runtime),
         failing=health_of.failing if health_of else None,
         ready_after=health_of.ready_after if health_of else None,
     )
-    core = Core(
+    engine = Engine(
         config,
         store=store,
         probe=MemoryProbe(gpu),
-        runtimes={"native": runtime},
+        runtimes={runtime.kind: runtime},
         health=health,
         clock=clock,
     )
-    for name, svc in config.services.items():
-        core.slots[name] = Slot(config=svc, machine=ServiceMachine(name))
-    recovery = recover(core)
-    coordinator = Coordinator(core)
+    recovery = recover(engine)
+    coordinator = Coordinator(engine)
     coordinator.recovered = True
     world = World(
         config,
@@ -266,9 +197,9 @@ def open_world(
         gpu,
         runtime,
         health,
-        core,
+        engine,
         coordinator,
-        Monitor(core),
+        Monitor(engine),
         recovery,
         sizes,
     )

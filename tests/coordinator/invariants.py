@@ -1,32 +1,48 @@
-"""What must hold after any recovery: the checks of the crash sweep and the kill test."""
+"""What must hold after any recovery: the checks of the crash sweep and the kill test.
+
+Read from outside, as an operator would: the coordinator's public views on one side,
+and on the other what really runs (fresh runtimes of the same deployment), what really
+answers (a fresh health checker) and what the simulated GPU really holds.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from gpusm.coordinator import Coordinator
-from gpusm.domain.states import State
+from gpusm import Coordinator
 from gpusm.gpu.sim import SimGpu
+from gpusm.health import Health
+from gpusm.wiring import build_runtimes
 
 
 def assert_consistent(coordinator: Coordinator, sim: SimGpu) -> None:
     """No limbo states, state matches reality, no orphans, no OOM, gapless streams."""
-    core = coordinator.core
-    for slot in core.slots.values():
-        assert slot.state not in (State.STARTING, State.DRAINING), (slot.name, slot.state)
-        runtime = core.runtime(slot)
-        if slot.state is State.HEALTHY:
-            assert slot.handle is not None, slot.name
-            assert runtime.is_alive(slot.handle), f"{slot.name} healthy but dead"
-            assert core.health.probe(slot.config.health).ok, f"{slot.name} healthy but failing"
-        else:
-            assert slot.handle is None, slot.name
-    for runtime in core.runtimes.values():
-        for orphan in runtime.find_orphans():
-            slot = core.slots[orphan.service]
-            assert slot.state is State.HEALTHY, f"orphan of {orphan.service} ({slot.state})"
-            assert slot.handle is not None
-            assert slot.handle.instance == orphan.instance, f"second instance of {orphan.service}"
+    config = coordinator.config
+    states = {s.name: s.state for s in coordinator.status().services}
+    instances = coordinator.instances()
+    runtimes = build_runtimes(config)
+    health = Health()
+    try:
+        for name, state in states.items():
+            assert state not in ("starting", "draining"), (name, state)
+            handle = instances.get(name)
+            if state == "healthy":
+                assert handle is not None, name
+                assert runtimes[handle.kind].is_alive(handle), f"{name} healthy but dead"
+                probe = health.probe(config.services[name].health)
+                assert probe.ok, f"{name} healthy but failing: {probe.reason}"
+            else:
+                assert handle is None, name
+        for runtime in runtimes.values():
+            for orphan in runtime.find_orphans():
+                state = states[orphan.service]
+                assert state == "healthy", f"orphan of {orphan.service} ({state})"
+                mine = instances[orphan.service]
+                assert mine.instance == orphan.instance, f"second instance of {orphan.service}"
+    finally:
+        health.close()
+        for runtime in runtimes.values():
+            runtime.close()
     assert sim.ooms() == []
     assert sim.snapshot().used_mib <= sim.snapshot().total_mib
     versions: dict[str, list[int]] = defaultdict(list)

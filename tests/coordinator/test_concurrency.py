@@ -7,12 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from seed_helpers import seed_config, write_config
 
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
 from gpusm.errors import InsufficientVram
 from gpusm.ports import EventQuery
 from gpusm.results import PhaseResult
+from tests.seed_helpers import seed_config, write_config
+from tests.support import eventually, state_of
 
 Open = Callable[..., Coordinator]
 
@@ -30,10 +31,7 @@ def test_higher_priority_preempts_after_draining_and_the_lower_waits_then_runs(
     )
     high_thread.start()
     # The preemption waits for low's lease; low finishing its work releases it.
-    with coordinator.core.cond:
-        assert coordinator.core.cond.wait_for(
-            lambda: coordinator.core.slots["ollama"].state.value == "draining", timeout=20
-        )
+    eventually(lambda: state_of(coordinator, "ollama") == "draining", 20, "ollama draining")
     coordinator.release("low")
     high_thread.join(timeout=30)
     assert high
@@ -53,11 +51,10 @@ def test_higher_priority_preempts_after_draining_and_the_lower_waits_then_runs(
     low_thread = threading.Thread(target=low_again)
     low_thread.start()
     # It queues for room (it cannot preempt priority 100) instead of failing.
-    with coordinator.core.cond:
-        assert coordinator.core.cond.wait_for(lambda: bool(coordinator._waiting), timeout=20)
+    eventually(lambda: coordinator.queued() > 0, 20, "chat queued for room")
     assert low_thread.is_alive(), "the lower-priority request must wait while video is in use"
     assert errors == []
-    assert coordinator.core.slots["comfyui"].state.value == "healthy"
+    assert state_of(coordinator, "comfyui") == "healthy"
 
     coordinator.release("high")  # comfyui is now idle: low may evict it
     low_thread.join(timeout=30)
@@ -77,4 +74,4 @@ def test_equal_priority_in_use_is_never_preempted(tmp_path: Path, open_coordinat
     with pytest.raises(InsufficientVram, match="blocked by: ollama") as info:
         coordinator.enter_phase("video", client="b", timeout=1.0)
     assert info.value.blocked_by == ["ollama"]
-    assert coordinator.core.slots["ollama"].state.value == "healthy"
+    assert state_of(coordinator, "ollama") == "healthy"

@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from invariants import assert_consistent
-from seed_helpers import seed_config, sim_of, write_config
 
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
 from gpusm.crashpoints import CRASH_EXIT_CODE, CRASH_POINTS
 from gpusm.ports import EventQuery
+from tests.coordinator.invariants import assert_consistent
+from tests.seed_helpers import seed_config, sim_of, write_config
 
 Open = Callable[..., Coordinator]
 DRIVER = Path(__file__).with_name("crash_driver.py")

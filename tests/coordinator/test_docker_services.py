@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,14 @@ from typing import Any
 
 import httpx
 import pytest
-from docker_coord_helpers import (
+
+from gpusm import Coordinator
+from gpusm.config import load_config
+from gpusm.crashpoints import CRASH_EXIT_CODE
+from gpusm.domain.states import State
+from gpusm.ports import EventQuery
+from gpusm.wiring import build_runtimes
+from tests.coordinator.docker_coord_helpers import (
     LOOKALIKE,
     container_ids,
     docker_cli,
@@ -30,14 +36,9 @@ from docker_coord_helpers import (
     run_lookalike,
     wait_http,
 )
-from invariants import assert_consistent
-from seed_helpers import sim_of, write_config
-
-from gpusm.config import load_config
-from gpusm.coordinator import Coordinator
-from gpusm.crashpoints import CRASH_EXIT_CODE
-from gpusm.domain.states import State
-from gpusm.ports import EventQuery
+from tests.coordinator.invariants import assert_consistent
+from tests.seed_helpers import sim_of, write_config
+from tests.support import eventually, state_of
 
 pytestmark = pytest.mark.docker
 
@@ -91,7 +92,7 @@ def test_seed_pipeline_with_containers_and_native_services_never_ooms_and_reclai
 ) -> None:
     config = docker_config(tmp_path, mixed_seed_config(tmp_path))
     coordinator = open_coordinator(config)
-    cfg = coordinator.core.config
+    cfg = coordinator.config
     assert {n: s.runtime for n, s in cfg.services.items()} == RUNTIMES
     # "chat" (ollama) after each item, so the second container also starts and stops.
     phases = [*cfg.pipeline, "chat"]
@@ -128,15 +129,15 @@ def test_docker_service_ignoring_sigterm_is_killed_after_its_grace_and_vram_come
     config = docker_config(tmp_path, mixed_seed_config(tmp_path, docker, pipeline=[]))
     coordinator = open_coordinator(config)
     coordinator.ensure_service("cosyvoice", client="worker", timeout=60)
-    slot = coordinator.core.slots["cosyvoice"]
-    pids = coordinator.core.pids(slot)
+    handle = coordinator.instances()["cosyvoice"]
+    pids = build_runtimes(coordinator.config)["docker"].pids_of(handle)
     sim = sim_of(config)
     assert sum(sim.holders().get(pid, 0) for pid in pids) == 4096
 
     note = coordinator.stop_service("cosyvoice", by="test")
 
     assert note.service == "cosyvoice"
-    assert slot.state is State.STOPPED
+    assert state_of(coordinator, "cosyvoice") == State.STOPPED.value
     event = coordinator.events(EventQuery(stream="cosyvoice", types=["Stopped"]))[-1]
     assert event.data["escalated"] is True, event.data
     assert event.data["already_dead"] is False
@@ -167,14 +168,6 @@ def _crash_after_spawn(config: Path, phase: str) -> None:
             driver.communicate()
     assert driver.returncode == CRASH_EXIT_CODE, err.decode()[-2000:]
     assert "crash point after_spawn reached" in err.decode()
-
-
-def _wait_sim_empty(config: Path, timeout_s: float = 10.0) -> None:
-    sim = sim_of(config)
-    deadline = time.monotonic() + timeout_s
-    while sim.snapshot().used_mib and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sim.snapshot().used_mib == 0, sim.holders()
 
 
 @dataclass(frozen=True)
@@ -216,14 +209,13 @@ def test_container_started_before_a_crash_is_adopted_if_healthy_else_reaped(
 ) -> None:
     rec = _crash_and_recover(tmp_path, docker_config, open_coordinator, healthy)
     coordinator, config = rec.coordinator, rec.config
-    slot = coordinator.core.slots["cosyvoice"]
     types = stream_types(coordinator, "cosyvoice")
     assert "ProcessLaunched" not in types, "the crash came before the launch was recorded"
     assert_consistent(coordinator, sim_of(config))
     if healthy:
         adopted = coordinator.events(EventQuery(stream="cosyvoice", types=["Adopted"]))
         assert [e.data["instance"] for e in adopted] == [rec.instance]
-        assert slot.state is State.HEALTHY
+        assert state_of(coordinator, "cosyvoice") == State.HEALTHY.value
         assert is_running(rec.container)
         # The adopted container serves the phase (nothing new starts) and stops cleanly.
         result = coordinator.enter_phase("tts", client="retry", timeout=60)
@@ -239,10 +231,11 @@ def test_container_started_before_a_crash_is_adopted_if_healthy_else_reaped(
         assert reaped, types
         assert {e.data["instance"] for e in reaped} == {rec.instance}
     # Either way the container is gone now and its simulated VRAM came back.
-    assert slot.state is State.STOPPED
+    assert state_of(coordinator, "cosyvoice") == State.STOPPED.value
     assert not is_running(rec.container)
     assert container_ids(config) == []
-    _wait_sim_empty(config)
+    sim = sim_of(config)
+    eventually(lambda: sim.snapshot().used_mib == 0, 10, "the simulated GPU to be empty")
     # Same-looking name, but no labels: not ours, never touched.
     assert is_running(lookalike)
     assert_consistent(coordinator, sim_of(config))
@@ -270,8 +263,8 @@ def test_native_runtime_never_reports_a_containers_processes_as_its_orphans(
     config = docker_config(tmp_path, mixed_seed_config(tmp_path, pipeline=[]))
     coordinator = open_coordinator(config)
     coordinator.ensure_service("cosyvoice", client="worker", timeout=60)
-    handle = coordinator.core.slots["cosyvoice"].handle
-    assert handle is not None
+    handle = coordinator.instances()["cosyvoice"]
     assert handle.container_id is not None
-    native = coordinator.core.runtimes["native"].find_orphans()
+    assert handle.kind == "docker"
+    native = build_runtimes(coordinator.config)["native"].find_orphans()
     assert [h for h in native if h.instance == handle.instance] == []

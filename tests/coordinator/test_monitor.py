@@ -5,24 +5,24 @@ Every test drives a manual clock and calls ``Monitor.tick`` itself; nothing slee
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes_helpers import World, fake_config, fake_service, open_world
 
 from gpusm.clock import ManualClock
 from gpusm.domain.events import NewEvent, RecordedEvent
 from gpusm.domain.states import State
+from gpusm.engine.lifecycle import begin_start, run_start
+from gpusm.engine.monitor import Monitor
 from gpusm.errors import ServiceStartFailed, ServiceStopFailed, StoreError
 from gpusm.gpu.memory import MemoryProbe
-from gpusm.lifecycle import begin_start, run_start
-from gpusm.monitor import Monitor
 from gpusm.ports import EventQuery, Handle, StopResult
 from gpusm.runtimes.memory import MemoryRuntime
 from gpusm.store.memory import MemoryEventStore
+from tests.coordinator.fakes_helpers import World, fake_config, fake_service, open_world
+from tests.support import eventually
 
 Make = Callable[..., World]
 
@@ -291,7 +291,7 @@ class StubbornRuntime(MemoryRuntime):
     """A MemoryRuntime whose next ``fail_stops`` stops fail, as an engine that refuses."""
 
     def __init__(self, clock: ManualClock) -> None:
-        super().__init__(clock)
+        super().__init__(clock, kind="native")
         self.fail_stops = 0
 
     def stop(self, handle: Handle, grace_s: float) -> StopResult:
@@ -321,23 +321,18 @@ def test_a_stop_that_failed_is_retried_by_the_next_tick(make: Make) -> None:
 def test_the_monitor_thread_keeps_ticking_while_the_gpu_is_unreadable(make: Make) -> None:
     world = make({"a": fake_service(4096, restart={"policy": "no"})})
     world.coordinator.enter_phase("pa", client="w")
-    probe = world.core.probe
+    probe = world.engine.probe
     assert isinstance(probe, MemoryProbe)
     probe.unreadable = "GPU lost"
     probes_before = world.health.probes["a"]
-    monitor = Monitor(world.core, interval_s=0.01)
+    monitor = Monitor(world.engine, interval_s=0.01)
     monitor.start()
     try:
-        deadline = time.monotonic() + 10
         # A first tick ran (it probed a) and then failed to read the GPU...
-        while world.health.probes["a"] == probes_before:
-            assert time.monotonic() < deadline, "the monitor thread never ticked"
-            time.sleep(0.01)
+        eventually(lambda: world.health.probes["a"] != probes_before, 10, "a first monitor tick")
         world.runtime.kill("a")
         # ...and a later tick still notices the crash.
-        while world.state("a") is not State.STOPPED:
-            assert time.monotonic() < deadline, "the monitor thread stopped ticking"
-            time.sleep(0.01)
+        eventually(lambda: world.state("a") is State.STOPPED, 10, "a tick after the GPU failed")
     finally:
         monitor.stop()
     assert "GPU lost" in world.last("a", "Crashed")["gpu_error"]
@@ -365,10 +360,10 @@ def test_a_start_whose_fact_cannot_be_recorded_is_drained_not_left_busy(
     world = open_world(fake_config(tmp_path, {"a": fake_service(4096)}), store=store)
     try:
         slot = world.slot("a")
-        with world.core.cond:
-            begin_start(world.core, slot, {"reason": "test"})
+        with world.engine.cond:
+            begin_start(world.engine, slot, {"reason": "test"})
         with pytest.raises(StoreError):
-            run_start(world.core, slot)
+            run_start(world.engine, slot)
         # The owner gave up without recording the launch: nobody holds the slot...
         assert slot.state is State.STARTING
         assert not slot.busy

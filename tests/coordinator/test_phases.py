@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from seed_helpers import seed_config, sim_of, write_config
 
-from gpusm.coordinator import Coordinator
+from gpusm import Coordinator
 from gpusm.domain.states import State
 from gpusm.errors import CoordinatorBusy, InsufficientVram, ServiceStartFailed, UnknownName
 from gpusm.ports import EventQuery
+from tests.seed_helpers import seed_config, sim_of, write_config
+from tests.support import eventually, state_of
 
 Open = Callable[..., Coordinator]
 DRAINS = {"DrainRequested", "Evicted", "Preempted"}
@@ -23,7 +23,7 @@ DRAINS = {"DrainRequested", "Evicted", "Preempted"}
 
 def healthy_answers(coordinator: Coordinator, names: list[str]) -> None:
     for name in names:
-        url = coordinator.core.config.services[name].health.http
+        url = coordinator.config.services[name].health.http
         assert url is not None
         assert httpx.get(url, timeout=2).status_code == 200, name
 
@@ -32,11 +32,11 @@ def test_seed_pipeline_runs_three_items_without_oom(
     seed_path: Path, open_coordinator: Open
 ) -> None:
     coordinator = open_coordinator(seed_path)
-    phases = coordinator.core.config.pipeline
+    phases = coordinator.config.pipeline
     for _ in range(3):
         for phase in phases:
             result = coordinator.enter_phase(phase, client="worker")
-            needed = coordinator.core.config.phases[phase].services
+            needed = coordinator.config.phases[phase].services
             healthy_answers(coordinator, needed)
             assert set(result.started) | set(result.kept) == set(needed)
     sim = sim_of(seed_path)
@@ -120,9 +120,9 @@ def test_foreign_usage_refuses_a_phase_that_cannot_fit_and_stops_nothing(
     argv = [sys.executable, "-m", "gpusm", "sim", "hog", "--mib", "10240"]
     hog = subprocess.Popen([*argv, "--sim-dir", str(sim.directory)], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while hog.pid not in sim.holders() and hog.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)  # polling the simulated GPU until the hog holds its memory
+        eventually(
+            lambda: hog.pid in sim.holders() or hog.poll() is not None, 20, "the hog's memory"
+        )
         assert sim.holders().get(hog.pid) == 10240
         with pytest.raises(InsufficientVram) as info:
             coordinator.enter_phase("video", client="w", timeout=1.0)
@@ -158,7 +158,7 @@ def test_plan_phase_is_a_dry_run(seed_path: Path, open_coordinator: Open) -> Non
     plan = coordinator.plan_phase("video")
     assert plan.fits
     assert [v.name for v in plan.victims] == ["ollama"]
-    assert coordinator.core.slots["ollama"].state is State.HEALTHY
+    assert state_of(coordinator, "ollama") == State.HEALTHY.value
 
 
 def test_a_service_that_cannot_start_fails_the_phase_with_its_reason(
@@ -170,5 +170,5 @@ def test_a_service_that_cannot_start_fails_the_phase_with_its_reason(
     with pytest.raises(ServiceStartFailed, match="vidi") as info:
         coordinator.enter_phase("analysis", client="w", timeout=15)
     assert "exited" in str(info.value) or "failed" in str(info.value)
-    assert coordinator.core.slots["vidi"].state is State.STOPPED
+    assert state_of(coordinator, "vidi") == State.STOPPED.value
     assert coordinator.events(EventQuery(stream="vidi", types=["StartFailed"]))

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes_helpers import World, fake_config, fake_service, open_world
 
 from gpusm.config import Config
 from gpusm.domain import events as ev
 from gpusm.domain.events import COORDINATOR_STREAM
 from gpusm.domain.states import State
-from gpusm.lifecycle import begin_drain, begin_start, join_background
+from gpusm.engine.lifecycle import begin_drain, begin_start, join_background
 from gpusm.ports import EventQuery
+from tests.coordinator.fakes_helpers import World, fake_config, fake_service, open_world
 
 Make = Callable[..., World]
 FOREIGN_PID = 4242
@@ -120,9 +120,9 @@ def test_stopped_while_the_instance_it_last_launched_lives_adopts_that_instance(
     first.coordinator.enter_phase("pa", client="w")
     handle = first.handle("a")
     # The log says the service is down (say the monitor misread it) while it still runs.
-    with first.core.cond:
+    with first.engine.cond:
         first.slot("a").handle = None
-        first.core.record(first.slot("a"), ev.Crashed(data={"reason": "misread as dead"}))
+        first.engine.record(first.slot("a"), ev.Crashed(data={"reason": "misread as dead"}))
     world = recover_()
     assert world.state("a") is State.HEALTHY
     assert world.handle("a") == handle
@@ -132,8 +132,8 @@ def test_stopped_while_the_instance_it_last_launched_lives_adopts_that_instance(
 
 # ---------------------------------------------------------------- starting
 def test_starting_without_a_pid_records_start_failed(first: World, recover_: Recover) -> None:
-    with first.core.cond:  # crash right after StartRequested was committed
-        begin_start(first.core, first.slot("a"), {"reason": "test", "by": "w"})
+    with first.engine.cond:  # crash right after StartRequested was committed
+        begin_start(first.engine, first.slot("a"), {"reason": "test", "by": "w"})
     world = recover_()
     assert world.state("a") is State.STOPPED
     assert world.types("a") == ["StartRequested", "StartFailed"]
@@ -144,8 +144,8 @@ def test_starting_without_a_pid_records_start_failed(first: World, recover_: Rec
 def test_starting_without_a_pid_adopts_the_healthy_instance_it_launched(
     first: World, recover_: Recover
 ) -> None:
-    with first.core.cond:
-        begin_start(first.core, first.slot("a"), {"reason": "test", "by": "w"})
+    with first.engine.cond:
+        begin_start(first.engine, first.slot("a"), {"reason": "test", "by": "w"})
     orphan = launch_orphan(first, "a")  # crash after the spawn, before ProcessLaunched
     world = recover_()
     assert world.state("a") is State.HEALTHY
@@ -156,12 +156,12 @@ def test_starting_without_a_pid_adopts_the_healthy_instance_it_launched(
 def launched(first: World, name: str) -> Any:
     """Commit StartRequested, spawn, commit ProcessLaunched; then 'crash' before health."""
     slot = first.slot(name)
-    with first.core.cond:
-        begin_start(first.core, slot, {"reason": "test", "by": "w"})
+    with first.engine.cond:
+        begin_start(first.engine, slot, {"reason": "test", "by": "w"})
     handle = first.runtime.start(slot.config, "launched-1")
-    with first.core.cond:
+    with first.engine.cond:
         slot.handle = handle
-        first.core.record(slot, ev.ProcessLaunched(data=handle.as_data()))
+        first.engine.record(slot, ev.ProcessLaunched(data=handle.as_data()))
     return handle
 
 
@@ -250,8 +250,8 @@ def test_a_reused_pid_whose_create_time_differs_is_not_ours(
     first.runtime.kill("a")
     # a died and its pid now belongs to another process (here: b's), created later.
     reused = {**a.as_data(), "pid": b.pid, "reason": "test"}
-    with first.core.cond:
-        first.core.record(first.slot("a"), ev.Adopted(data=reused))
+    with first.engine.cond:
+        first.engine.record(first.slot("a"), ev.Adopted(data=reused))
     world = recover_()
     assert world.state("a") is State.STOPPED
     assert "pid was reused" in world.last("a", "Crashed")["reason"]
@@ -263,8 +263,8 @@ def test_a_reused_pid_whose_create_time_differs_is_not_ours(
 # ---------------------------------------------------------------- draining
 def drain(first: World, name: str) -> None:
     """Commit DrainRequested and 'crash' before the signal."""
-    with first.core.cond:
-        assert begin_drain(first.core, first.slot(name), ev.DrainRequested(data={"reason": "t"}))
+    with first.engine.cond:
+        assert begin_drain(first.engine, first.slot(name), ev.DrainRequested(data={"reason": "t"}))
 
 
 def test_draining_and_alive_finishes_the_stop(first: World, recover_: Recover) -> None:

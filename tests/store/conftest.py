@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from store_children import Children
+
+from tests.store.store_children import Children
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gpusm.audit import Interval, explain_stops, history, query_events
 from gpusm.domain.events import (
     Crashed,
     DrainRequested,
@@ -22,6 +21,7 @@ from gpusm.domain.events import (
     VramObserved,
 )
 from gpusm.domain.machine import ServiceMachine
+from gpusm.engine.audit import Interval, explain_stops, history, query_events
 from gpusm.store import MemoryEventStore
 
 T0 = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)

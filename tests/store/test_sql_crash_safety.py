@@ -13,10 +13,9 @@ from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from store_children import Children
-
 from gpusm.domain.events import NewEvent
 from gpusm.store import SqlEventStore
+from tests.store.store_children import Children
 
 
 def test_log_survives_a_writer_killed_twenty_times(tmp_path: Path, children: Children) -> None:

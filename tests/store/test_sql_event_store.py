@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
-from store_children import Children
 
 from gpusm.domain.events import NewEvent
 from gpusm.errors import ConcurrencyConflict, StoreError
 from gpusm.ports import EventQuery
 from gpusm.store import SqlEventStore
+from tests.store.store_children import Children
 
 T0 = datetime(2026, 1, 31, tzinfo=UTC)
 

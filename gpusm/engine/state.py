@@ -1,9 +1,9 @@
-"""The coordinator's shared state and its one serialization point.
+"""The engine's shared state and its one serialization point.
 
 Every decision (admission, eviction, a state change) is taken while holding
-``Core.cond``; side effects that take time (spawning, health waits, stops, reclaim
-waits) happen outside it, by the one thread that set the service's ``busy`` flag.
-Every state change goes through :meth:`Core.record`, which appends the event before
+``Engine.cond``; side effects that take time (spawning, health waits, stops, reclaim
+waits) happen outside it, by the one thread that holds the service's :class:`Slot`.
+Every state change goes through :meth:`Engine.record`, which appends the event before
 the in-memory state is trusted: if the append fails, the state is rolled back.
 """
 
@@ -19,7 +19,7 @@ from gpusm.domain import policy
 from gpusm.domain.events import COORDINATOR_STREAM, Event, NewEvent, RecordedEvent, ServiceEvent
 from gpusm.domain.machine import ServiceMachine
 from gpusm.domain.states import ACTIVE_STATES, State
-from gpusm.errors import GpuProbeError
+from gpusm.errors import GpuProbeError, ServiceRuntimeError
 from gpusm.ports import (
     Clock,
     DeviceSnapshot,
@@ -31,12 +31,18 @@ from gpusm.ports import (
     Runtime,
 )
 
-__all__ = ["Core", "Lease", "Slot"]
+__all__ = ["Engine", "Lease", "Slot"]
 
 
 @dataclass
 class Slot:
-    """Everything the coordinator tracks about one configured service."""
+    """Everything the engine tracks about one configured service.
+
+    The fields are read anywhere under the engine's lock; they change only through the
+    methods below, which keep the ownership protocol in one place: a start or stop
+    runs outside the lock in the one thread that holds the slot (``busy``), and that
+    thread lets go with :meth:`release` whatever happens.
+    """
 
     config: ServiceConfig
     machine: ServiceMachine
@@ -67,6 +73,81 @@ class Slot:
     def reservation(self) -> int:
         return max(self.config.vram_mib, self.learned_peak_mib)
 
+    # ------------------------------------------------------------ ownership
+    def claim_start(self, now: float) -> None:
+        """Own a new start: fresh generation, error and failure count; the start's deadline."""
+        self.busy = True
+        self.last_error = None
+        self.health_failures = 0
+        self.generation += 1
+        self.start_times.append(now)
+        self.start_deadline = now + self.config.health.timeout_s
+
+    def claim(self) -> bool:
+        """Own the slot for a stop; False if someone else already does."""
+        if self.busy:
+            return False
+        self.busy = True
+        return True
+
+    def release(self, error: str | None = None) -> None:
+        """Let go of the slot; ``error`` (if any) becomes the last error unless one is set."""
+        self.busy = False
+        if error is not None and self.last_error is None:
+            self.last_error = error
+
+    def attach(self, handle: Handle) -> None:
+        """The instance now running for this service."""
+        self.handle = handle
+
+    def detach(self, error: str | None = None) -> None:
+        """No instance runs any more; ``error`` (or None) says why, for the next request."""
+        self.handle = None
+        self.last_error = error
+
+    def fail(self, reason: str) -> None:
+        """Remember why the service cannot serve, for requests and status."""
+        self.last_error = reason
+
+    # ------------------------------------------------------------ health and use
+    def touch(self, now: float) -> None:
+        """The service was just needed (for least-recently-used ordering)."""
+        self.last_used = max(self.last_used, now)
+
+    def count_probe(self, ok: bool) -> int:
+        """Record one liveness probe; returns the consecutive failures so far."""
+        self.health_failures = 0 if ok else self.health_failures + 1
+        return self.health_failures
+
+    def learn_peak(self, used_mib: int) -> bool:
+        """Raise the learned peak to ``used_mib``; True if it grew."""
+        if used_mib <= self.learned_peak_mib:
+            return False
+        self.learned_peak_mib = used_mib
+        return True
+
+    def schedule_restart(self, at: float | None) -> None:
+        """When the monitor should restart this crashed service (None: never)."""
+        self.restart_at = at
+
+    def reset_budget(self) -> None:
+        """Forget past starts: a reset service gets its whole restart budget back."""
+        self.start_times.clear()
+
+    def restore(
+        self, machine: ServiceMachine, handle: Handle | None, peak_mib: int, now: float
+    ) -> None:
+        """Recovery: the state, instance and learned peak that the log says."""
+        self.machine = machine
+        self.handle = handle
+        self.learned_peak_mib = peak_mib
+        self.state_since = now
+
+    def resume_start(self, started_at: float) -> None:
+        """Recovery: a start recorded at ``started_at`` (monotonic) keeps its deadline."""
+        self.start_times.append(started_at)
+        self.start_deadline = started_at + self.config.health.timeout_s
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -77,7 +158,7 @@ class Lease:
     priority: int
 
 
-class Core:
+class Engine:
     """Config, adapters, per-service slots, leases and the lock that orders them."""
 
     def __init__(
@@ -97,7 +178,10 @@ class Core:
         self.health = health
         self.clock = clock
         self.cond = threading.Condition(threading.RLock())
-        self.slots: dict[str, Slot] = {}
+        self.slots: dict[str, Slot] = {
+            name: Slot(config=svc, machine=ServiceMachine(name))
+            for name, svc in config.services.items()
+        }
         self.leases: dict[str, Lease] = {}
         self.coordinator_version = 0
         self.closed = False
@@ -142,8 +226,19 @@ class Core:
 
     # ------------------------------------------------------------ adapters
     def runtime(self, slot: Slot) -> Runtime:
-        """The runtime that runs ``slot``'s service."""
+        """The runtime of ``slot``'s running instance, else the one its config names."""
+        if slot.handle is not None:
+            return self.runtime_of(slot.handle)
         return self.runtimes[slot.config.runtime]
+
+    def runtime_of(self, handle: Handle) -> Runtime:
+        """The runtime that started ``handle`` (whatever the config says today)."""
+        try:
+            return self.runtimes[handle.kind]
+        except KeyError:
+            raise ServiceRuntimeError(
+                handle.service, f"its instance runs under runtime {handle.kind!r}, not loaded"
+            ) from None
 
     def snapshot(self, device: int) -> DeviceSnapshot:
         """One reading of ``device`` (GpuProbeError passes through)."""

@@ -1,0 +1,255 @@
+"""Making room and starting: the loop every request (phase, ensure, start, prefetch) runs.
+
+A :class:`Request` names the services it needs, who asks, at what priority and until
+when. :meth:`Admission.ensure` loops under the engine's lock: plan with the pure policy,
+drain the plan's victims, start what fits, and wait (in a priority queue of tickets)
+until every needed service is healthy, the request fails, or its deadline passes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+from gpusm.crashpoints import crash_point
+from gpusm.domain import events as ev
+from gpusm.domain import policy
+from gpusm.domain.states import RUNNING_STATES, State
+from gpusm.engine.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
+from gpusm.engine.state import Engine
+from gpusm.errors import GpusmError, RequestTimeout, ServiceStartFailed
+from gpusm.results import StopNote
+
+__all__ = ["PREFETCH_PRIORITY", "Admission", "Request"]
+
+# Below every configured priority: a prefetch may only evict idle services.
+PREFETCH_PRIORITY = -(2**62)
+_POLL_S = 0.2
+
+
+@dataclass
+class Request:
+    """One request for services; ``client`` None means nobody holds them afterwards."""
+
+    needed: Sequence[str]
+    client: str | None
+    priority: int
+    deadline: float
+    requester: str
+    prefetch: bool = False
+    started: list[str] = field(default_factory=list)
+    stops: list[StopNote] = field(default_factory=list)
+    # The start generation of each service this request started, to know its failures.
+    mine: dict[str, int] = field(default_factory=dict)
+    last_plan: policy.Plan | None = None
+
+
+class Admission:
+    """The request queue of one engine; see the module docstring."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._tickets = itertools.count(1)
+        # ticket -> priority of every request holding its place for room being freed.
+        self.waiting: dict[int, int] = {}
+        self.closing = False
+
+    def check_open(self) -> None:
+        """GpusmError once the coordinator is closing: nothing new starts."""
+        if self.engine.closed or self.closing:
+            raise GpusmError("the coordinator is closed")
+
+    # ------------------------------------------------------------ the loop
+    def ensure(self, req: Request) -> tuple[list[str], list[StopNote]]:
+        """Stop what the policy says, start what is missing, wait until all are healthy.
+
+        Returns (started, stopped). A prefetch returns as soon as it started what it
+        could (it never waits for health), or when its plan does not fit.
+        """
+        engine = self.engine
+        ticket = next(self._tickets)
+        try:
+            while True:
+                with engine.cond:
+                    self.check_open()
+                    if self._step(req, ticket):
+                        return req.started, req.stops
+                    left = req.deadline - engine.clock.monotonic()
+                    if left <= 0:
+                        raise self._timed_out(req)
+                    engine.cond.wait(min(left, _POLL_S))
+        finally:
+            with engine.cond:
+                self.waiting.pop(ticket, None)
+                engine.cond.notify_all()
+
+    def _step(self, req: Request, ticket: int) -> bool:
+        """One pass under the lock; True when the request is done."""
+        slots = self.engine.slots
+        pending = [n for n in req.needed if slots[n].state is not State.HEALTHY]
+        if not pending:
+            return True
+        self._raise_failures(pending, req.mine)
+        startable = [n for n in pending if slots[n].state is State.STOPPED and not slots[n].busy]
+        if not startable or (req.prefetch and self.waiting):
+            return False
+        if not policy.is_my_turn(ticket, req.priority, self.waiting):
+            return False
+        plan = self.plan(startable, req.client, req.priority, req.requester)
+        if plan.fits and not plan.victims:
+            self.waiting.pop(ticket, None)
+            if req.stops:
+                crash_point("mid_preemption")
+            self._start_all(plan.to_start, req)
+            req.started += plan.to_start
+            return req.prefetch  # a prefetch never waits for health
+        if req.prefetch and not plan.fits:
+            return True
+        if plan.fits:
+            # Stops already under way may make the room: stop nothing more.
+            if not self._drains_suffice(plan):
+                self._drain_victims(plan, req.client or req.requester, req.stops)
+        else:
+            req.last_plan = plan
+            if plan.need_mib > self._ceiling(startable):
+                raise plan.insufficient()  # no amount of waiting helps
+        if not req.prefetch:
+            # Hold our place until we start: the room being freed is ours.
+            self.waiting[ticket] = req.priority
+        return False
+
+    def _timed_out(self, req: Request) -> GpusmError:
+        if req.last_plan is not None and not req.last_plan.fits:
+            return req.last_plan.insufficient()
+        pending = [n for n in req.needed if self.engine.slots[n].state is not State.HEALTHY]
+        return RequestTimeout(f"{req.requester}: {', '.join(pending)} not healthy in time")
+
+    def _raise_failures(self, pending: Sequence[str], mine: dict[str, int]) -> None:
+        for n in pending:
+            slot = self.engine.slots[n]
+            if slot.state is State.FAILED:
+                raise ServiceStartFailed(
+                    n, f"failed after its restart budget ({slot.last_error}); reset it first"
+                )
+            own_failure = mine.get(n) == slot.generation and slot.last_error
+            if slot.state is State.STOPPED and not slot.busy and own_failure:
+                raise ServiceStartFailed(n, str(slot.last_error))
+
+    # ------------------------------------------------------------ planning
+    def plan(
+        self, names: Sequence[str], client: str | None, prio: int, requester: str = ""
+    ) -> policy.Plan:
+        """The policy's plan for starting ``names``, one device at a time, merged."""
+        engine = self.engine
+        plans = []
+        for device in sorted({engine.config.services[n].gpu for n in names}):
+            gpu, _, _ = engine.gpu_view(device)
+            on_device = [n for n in names if engine.config.services[n].gpu == device]
+            plans.append(
+                policy.plan_admission(
+                    on_device,
+                    engine.views(device),
+                    engine.other_leases(client),
+                    gpu,
+                    prio,
+                    requester,
+                )
+            )
+        return policy.merge_plans(plans)
+
+    def _drains_suffice(self, plan: policy.Plan) -> bool:
+        """Whether the services already draining free enough for ``plan`` on their own."""
+        engine = self.engine
+        for device in sorted({engine.config.services[n].gpu for n in plan.to_start}):
+            gpu, _, _ = engine.gpu_view(device)
+            if not policy.drains_suffice(plan.to_start, engine.views(device), gpu):
+                return False
+        return True
+
+    def _ceiling(self, names: Sequence[str]) -> int:
+        # Only the device's size matters here: no need to attribute its processes.
+        engine = self.engine
+        total = engine.snapshot(engine.config.services[names[0]].gpu).total_mib
+        return policy.admission_ceiling(total, engine.config.gpu.reserve_mib)
+
+    # ------------------------------------------------------------ side effects
+    def _drain_victims(self, plan: policy.Plan, by: str, stops: list[StopNote]) -> None:
+        """Commit each victim's drain and start its stop at once (caller holds the lock)."""
+        for victim in plan.victims:
+            slot = self.engine.slots[victim.name]
+            cls = ev.Preempted if victim.kind == "preempt" else ev.Evicted
+            data = {"reason": victim.reason, "by": by, "for": list(plan.to_start)}
+            # HEALTHY -> DRAINING
+            if begin_drain(self.engine, slot, cls(data=data)):
+                wait = victim.kind == "preempt"
+                in_background(f"stop-{slot.name}", partial(finish_stop, self.engine, slot, wait))
+            stops.append(StopNote(victim.name, victim.kind, victim.reason))
+
+    def _start_all(self, names: Sequence[str], req: Request) -> None:
+        verb = "prefetch for" if req.prefetch else "needed by"
+        for n in names:
+            slot = self.engine.slots[n]
+            data = {"reason": f"{verb} {req.requester}", "by": req.client, "prefetch": req.prefetch}
+            # STOPPED -> STARTING
+            begin_start(self.engine, slot, data)
+            req.mine[n] = slot.generation
+            in_background(f"start-{n}", partial(run_start, self.engine, slot))
+
+    def stop_and_wait(
+        self, names: Sequence[str], reason: str, by: str | None, deadline: float, kind: str
+    ) -> list[StopNote]:
+        """Drain ``names`` and wait until none is draining; RequestTimeout past ``deadline``."""
+        engine = self.engine
+        notes = []
+        with engine.cond:
+            for n in names:
+                slot = engine.slots[n]
+                if begin_drain(engine, slot, ev.DrainRequested(data={"reason": reason, "by": by})):
+                    in_background(f"stop-{n}", partial(finish_stop, engine, slot))
+                notes.append(StopNote(n, kind, reason))
+            while any(engine.slots[n].state is State.DRAINING for n in names):
+                left = deadline - engine.clock.monotonic()
+                if left <= 0:
+                    raise RequestTimeout(f"stopping {', '.join(names)} took too long")
+                engine.cond.wait(min(left, _POLL_S))
+        return notes
+
+    # ------------------------------------------------------------ prefetch
+    def prefetch(self, upcoming: str, after: str, client: str) -> tuple[str, ...]:
+        """Start ``upcoming``'s services in the background if they fit beside what runs."""
+        try:
+            return self._try_prefetch(upcoming, after, client)
+        except GpusmError:
+            return ()  # an optional head start; the phase itself already succeeded
+
+    def _try_prefetch(self, upcoming: str, after: str, client: str) -> tuple[str, ...]:
+        engine = self.engine
+        needed = list(engine.config.phases[upcoming].services)
+        with engine.cond:
+            missing = [n for n in needed if engine.slots[n].state not in RUNNING_STATES]
+            if not missing or self.waiting:
+                return ()
+            plan = self.plan(missing, None, PREFETCH_PRIORITY, f"phase {upcoming}")
+            if not plan.fits:
+                return ()
+        req = Request(
+            needed=needed,
+            client=None,
+            priority=PREFETCH_PRIORITY,
+            deadline=engine.clock.monotonic() + self.default_timeout(needed),
+            requester=f"phase {upcoming} (next after {after}, client {client})",
+            prefetch=True,
+        )
+        in_background(f"prefetch-{upcoming}", partial(self.ensure, req))
+        return tuple(missing)
+
+    def default_timeout(self, needed: Sequence[str]) -> float:
+        """Room may have to be made first: one full stop and settle per service, then the
+        slowest start."""
+        cfg = self.engine.config
+        return policy.request_timeout(
+            (cfg.services[n].health.timeout_s for n in needed),
+            (s.stop_timeout_s + cfg.gpu.settle_timeout_s for s in cfg.services.values()),
+        )

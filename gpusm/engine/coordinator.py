@@ -1,0 +1,406 @@
+"""The coordinator: a worker names its phase, gpusm makes exactly the right services run.
+
+``Coordinator.from_config(path)`` (built by :mod:`gpusm.wiring`) takes the state
+directory's lock, opens the event store, recovers (replay, observe, reconcile) and only
+then returns. Every public verb is safe to call from several threads; decisions are
+taken under one lock and recorded before their side effects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from gpusm.config import Config, load_config
+from gpusm.domain import events as ev
+from gpusm.domain import policy
+from gpusm.domain.events import RecordedEvent
+from gpusm.domain.states import RUNNING_STATES, State
+from gpusm.engine.admission import Admission, Request
+from gpusm.engine.lifecycle import join_background
+from gpusm.engine.monitor import Monitor
+from gpusm.engine.reconcile import recover
+from gpusm.engine.state import Engine, Lease
+from gpusm.errors import GpusmError
+from gpusm.ports import Clock, EventQuery, Handle
+from gpusm.results import DeviceStatus, PhaseResult, ServiceStatus, Status, StopNote
+
+__all__ = ["Coordinator", "Opener", "set_opener"]
+
+_POLL_S = 0.2
+
+
+class Opener(Protocol):
+    """Builds a recovered coordinator from a config (``gpusm.wiring.open_coordinator``)."""
+
+    def __call__(
+        self, config: Config, *, clock: Clock | None = ..., monitor: bool = ...
+    ) -> Coordinator: ...
+
+
+_opener: Opener | None = None
+
+
+def set_opener(opener: Opener) -> None:
+    """Install what :meth:`Coordinator.from_config` calls; ``gpusm.wiring`` does on import."""
+    global _opener
+    _opener = opener
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """What a request asks for: a phase's services, or one service (``ensure``)."""
+
+    name: str
+    needed: list[str]
+    release: bool = False
+    # A pipeline phase prefetches the next GPU phase; a single-service ensure does not.
+    pipelined: bool = True
+
+
+class Coordinator:
+    """Owns the GPU services of one state directory; see the module docstring."""
+
+    def __init__(self, engine: Engine, on_close: Callable[[], None] | None = None) -> None:
+        self._engine = engine
+        self._on_close = on_close
+        self._admission = Admission(engine)
+        self.recovered = False
+        self._monitor: Monitor | None = None
+        self._client_locks: dict[str, threading.Lock] = {}
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike[str] | Config,
+        *,
+        clock: Clock | None = None,
+        monitor: bool = True,
+    ) -> Coordinator:
+        """Lock the state directory, open the store, recover, start the monitor."""
+        if _opener is None:  # pragma: no cover - importing gpusm installs it
+            raise GpusmError("gpusm.wiring is not loaded; import gpusm first")
+        cfg = config if isinstance(config, Config) else load_config(Path(config))
+        return _opener(cfg, clock=clock, monitor=monitor)
+
+    @classmethod
+    def open(
+        cls, engine: Engine, *, monitor: bool = True, on_close: Callable[[], None] | None = None
+    ) -> Coordinator:
+        """Recover ``engine`` (replay, observe, reconcile), then start the monitor."""
+        coordinator = cls(engine, on_close)
+        try:
+            recover(engine)
+            coordinator.recovered = True
+            if monitor:
+                coordinator._monitor = Monitor(engine)
+                coordinator._monitor.start()
+        except BaseException:
+            coordinator.close()
+            raise
+        return coordinator
+
+    def __enter__(self) -> Coordinator:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def config(self) -> Config:
+        """The configuration this coordinator runs."""
+        return self._engine.config
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has finished."""
+        return self._engine.closed
+
+    def close(self, stop_services: bool = False) -> None:
+        """Stop the monitor and release the lock; services keep running unless asked."""
+        engine = self._engine
+        if engine.closed or self._admission.closing:
+            return
+        with engine.cond:
+            # From here on no request or prefetch starts anything new.
+            self._admission.closing = True
+            engine.cond.notify_all()
+        try:
+            if stop_services:
+                self.release_all(by="close")
+        finally:
+            with engine.cond:
+                engine.closed = True
+                engine.cond.notify_all()
+            if self._monitor is not None:
+                self._monitor.stop()
+            join_background(timeout_s=30.0)
+            closers = [engine.health.close, engine.probe.close, engine.store.close]
+            closers += [runtime.close for runtime in engine.runtimes.values()]
+            for closer in closers:
+                # Closing is best effort; nothing recorded is at stake.
+                with contextlib.suppress(GpusmError):
+                    closer()
+            if self._on_close is not None:
+                self._on_close()
+
+    # ------------------------------------------------------------ phases
+    def enter_phase(
+        self,
+        name: str,
+        client: str = "default",
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> PhaseResult:
+        """Make exactly ``name``'s services healthy for ``client``; block until they are."""
+        phase = self._engine.config.phase(name)
+        return self._enter(
+            _Phase(name, list(phase.services), phase.release), client, timeout, priority
+        )
+
+    def ensure_service(
+        self, name: str, client: str = "default", timeout: float | None = None
+    ) -> PhaseResult:
+        """Make one service healthy for ``client`` (its lease becomes just that service)."""
+        self._engine.config.service(name)
+        return self._enter(
+            _Phase(f"service:{name}", [name], pipelined=False), client, timeout, None
+        )
+
+    def _enter(
+        self, phase: _Phase, client: str, timeout: float | None, priority: int | None
+    ) -> PhaseResult:
+        # One request at a time per client: a client has one current phase, and two
+        # concurrent requests would each see the other's services as idle.
+        with self._client_lock(client):
+            return self._enter_locked(phase, client, timeout, priority)
+
+    def _client_lock(self, client: str) -> threading.Lock:
+        with self._engine.cond:
+            return self._client_locks.setdefault(client, threading.Lock())
+
+    def _enter_locked(
+        self, phase: _Phase, client: str, timeout: float | None, priority: int | None
+    ) -> PhaseResult:
+        engine = self._engine
+        needed = phase.needed
+        t0 = engine.clock.monotonic()
+        budget = timeout if timeout is not None else self._admission.default_timeout(needed)
+        deadline = t0 + budget
+        with engine.cond:
+            self._admission.check_open()
+            free_before = engine.free_mib(self._device_of(needed))
+            ready = all(engine.slots[n].state is State.HEALTHY for n in needed)
+            prio = policy.request_priority(needed, engine.views(), priority)
+            engine.leases[client] = Lease(phase.name, frozenset(needed), prio)
+            engine.note(
+                ev.PhaseEntered(
+                    data={
+                        "client": client,
+                        "phase": phase.name,
+                        "services": needed,
+                        "priority": prio,
+                    }
+                )
+            )
+            now = engine.clock.monotonic()
+            for n in needed:
+                engine.slots[n].touch(now)
+            engine.cond.notify_all()
+        stops: list[StopNote] = []
+        if phase.release:
+            stops += self._release_others(needed, client, phase.name, deadline)
+        requester = f"client {client}, phase {phase.name}"
+        started, evicted = self._admission.ensure(
+            Request(needed, client, prio, deadline, requester)
+        )
+        stops += evicted
+        # Already in place and nothing stopped: this request changed nothing on the GPU.
+        unchanged = ready and not started and not stops
+        free_after = free_before if unchanged else engine.free_mib(self._device_of(needed))
+        prefetching: tuple[str, ...] = ()
+        upcoming = self._next_gpu_phase(phase.name) if phase.pipelined else None
+        if upcoming is not None:
+            prefetching = self._admission.prefetch(upcoming, phase.name, client)
+        return PhaseResult(
+            phase=phase.name,
+            client=client,
+            started=tuple(started),
+            kept=tuple(n for n in needed if n not in started),
+            stopped=tuple(stops),
+            waited_s=round(engine.clock.monotonic() - t0, 4),
+            free_before_mib=free_before,
+            free_after_mib=free_after,
+            prefetching=prefetching,
+        )
+
+    def _next_gpu_phase(self, phase: str) -> str | None:
+        cfg = self._engine.config
+        services = {name: p.services for name, p in cfg.phases.items()}
+        return policy.next_gpu_phase(cfg.pipeline, services, phase)
+
+    def _device_of(self, needed: Sequence[str]) -> int:
+        return self._engine.config.services[needed[0]].gpu if needed else 0
+
+    def _release_others(
+        self, needed: Sequence[str], client: str, phase: str, deadline: float
+    ) -> list[StopNote]:
+        engine = self._engine
+        # Keep what the pipeline's next GPU phase needs: it may be warming up already.
+        upcoming = self._next_gpu_phase(phase)
+        spared = list(needed) + (list(engine.config.phases[upcoming].services) if upcoming else [])
+        with engine.cond:
+            names = policy.release_plan(spared, engine.views(), engine.other_leases(client))
+        reason = f"phase {phase} releases the GPU (client {client})"
+        return self._admission.stop_and_wait(names, reason, client, deadline, "release")
+
+    # ------------------------------------------------------------ leases and services
+    def release(self, client: str = "default") -> None:
+        """Drop ``client``'s lease; its services stay warm until their room is needed."""
+        with self._engine.cond:
+            lease = self._engine.leases.pop(client, None)
+            if lease is not None:
+                self._engine.note(ev.LeaseReleased(data={"client": client, "phase": lease.phase}))
+            self._engine.cond.notify_all()
+
+    def release_all(self, by: str = "release_all") -> list[StopNote]:
+        """Drop every lease and stop every running service (the plan's CPU-phase release)."""
+        engine = self._engine
+        with engine.cond:
+            for client in list(engine.leases):
+                self.release(client)
+            names = [s.name for s in engine.slots.values() if s.state in RUNNING_STATES]
+        deadline = engine.clock.monotonic() + self._admission.default_timeout([])
+        return self._admission.stop_and_wait(
+            names, f"release of every service by {by}", by, deadline, "release"
+        )
+
+    def start_service(self, name: str, by: str = "api", timeout: float | None = None) -> None:
+        """Start one service without a lease (it is idle once healthy)."""
+        slot = self._engine.slots[self._engine.config.service(name).name]
+        budget = timeout or self._admission.default_timeout([name])
+        deadline = self._engine.clock.monotonic() + budget
+        requester = f"start requested by {by}"
+        self._admission.ensure(Request([name], None, slot.config.priority, deadline, requester))
+
+    def stop_service(self, name: str, by: str = "api") -> StopNote:
+        """Stop one service now (leases that hold it find it stopped)."""
+        self._engine.config.service(name)
+        deadline = self._engine.clock.monotonic() + self._admission.default_timeout([])
+        return self._admission.stop_and_wait(
+            [name], f"stop requested by {by}", by, deadline, "stop"
+        )[0]
+
+    def reset_service(self, name: str, by: str = "api") -> None:
+        """Clear a service that gave up (``failed``) so that it may start again."""
+        slot = self._engine.slots[self._engine.config.service(name).name]
+        with self._engine.cond:
+            if slot.state is State.FAILED:
+                slot.reset_budget()
+                # FAILED -> STOPPED
+                self._engine.record(slot, ev.Reset(data={"by": by}))
+
+    def wait_settled(self, timeout: float = 60.0) -> bool:
+        """Wait until no service is starting or draining (prefetches included); True if so."""
+        engine = self._engine
+        deadline = engine.clock.monotonic() + timeout
+        with engine.cond:
+            while any(s.state in (State.STARTING, State.DRAINING) for s in engine.slots.values()):
+                left = deadline - engine.clock.monotonic()
+                if left <= 0 or engine.closed:
+                    return False
+                engine.cond.wait(min(left, _POLL_S))
+        return True
+
+    # ------------------------------------------------------------ reading
+    def plan_phase(
+        self, name: str, client: str = "default", priority: int | None = None
+    ) -> policy.Plan:
+        """Dry run: what entering ``name`` would stop and start, or why it cannot fit."""
+        needed = list(self._engine.config.phase(name).services)
+        engine = self._engine
+        with engine.cond:
+            prio = policy.request_priority(needed, engine.views(), priority)
+            missing = [n for n in needed if engine.slots[n].state not in RUNNING_STATES]
+            if not missing:
+                device = self._device_of(needed)
+                gpu = engine.gpu_view(device)[0]
+                return policy.plan_admission([], engine.views(device), {}, gpu, prio)
+            return self._admission.plan(missing, client, prio, f"client {client}, phase {name}")
+
+    def events(self, query: EventQuery | None = None) -> list[RecordedEvent]:
+        """Events from the log (see :class:`gpusm.ports.EventQuery`); all when None."""
+        return self._engine.store.read(query or EventQuery())
+
+    def status(self) -> Status:
+        """Devices, services and leases now."""
+        engine = self._engine
+        with engine.cond:
+            usage: dict[str, int] = {}
+            devices = tuple(_device_status(engine, d, usage) for d in engine.devices())
+            now = engine.clock.monotonic()
+            services = tuple(
+                ServiceStatus(
+                    name=s.name,
+                    state=s.state.value,
+                    runtime=s.config.runtime,
+                    gpu=s.config.gpu,
+                    priority=s.config.priority,
+                    vram_mib=s.config.vram_mib,
+                    reservation_mib=s.reservation,
+                    used_mib=usage.get(s.name, 0),
+                    pid=s.handle.pid if s.handle else None,
+                    container_id=s.handle.container_id if s.handle else None,
+                    leased_by=tuple(
+                        sorted(c for c, lease in engine.leases.items() if s.name in lease.services)
+                    ),
+                    in_state_s=round(now - s.state_since, 3),
+                    last_error=s.last_error,
+                )
+                for s in engine.slots.values()
+            )
+            leases = {c: lease.phase for c, lease in engine.leases.items()}
+        return Status(self.recovered, devices, services, leases)
+
+    def instances(self) -> dict[str, Handle]:
+        """The running instance of each service that has one (pid and create time, or
+        container), with the runtime that runs it."""
+        with self._engine.cond:
+            return {s.name: s.handle for s in self._engine.slots.values() if s.handle}
+
+    def queued(self) -> int:
+        """How many requests wait in the queue for room to be made."""
+        with self._engine.cond:
+            return len(self._admission.waiting)
+
+    def oom_count(self) -> int | None:
+        """Out-of-memory failures the GPU backend has seen (None if it cannot know)."""
+        return self._engine.probe.oom_count()
+
+
+def _device_status(engine: Engine, device: int, usage: dict[str, int]) -> DeviceStatus:
+    """One device's numbers; adds each of our services' use of it to ``usage``."""
+    try:
+        gpu, snap, owners = engine.gpu_view(device)
+    except GpusmError as exc:
+        return DeviceStatus(device, "unreadable", 0, 0, 0, 0, 0, error=str(exc))
+    for pid, owner in owners.items():
+        usage[owner] = usage.get(owner, 0) + snap.processes.get(pid, 0)
+    return DeviceStatus(
+        index=device,
+        name=snap.name,
+        total_mib=snap.total_mib,
+        used_mib=snap.used_mib,
+        free_mib=snap.free_mib,
+        foreign_mib=gpu.foreign_mib,
+        free_for_admission_mib=policy.free_for_admission(engine.views(device), gpu),
+    )
