@@ -6,7 +6,7 @@ against both (``tests/contracts/``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -212,6 +212,15 @@ class Runtime(Protocol):
 
     def find_orphans(self) -> list[Handle]:
         """Every live instance that carries gpusm's marker, ours or left from before."""
+        ...
+
+    def attribute(self, pids: Collection[int], handles: Sequence[Handle]) -> dict[int, Handle]:
+        """Which of ``pids`` (e.g. the GPU's processes) belong to which of ``handles``.
+
+        Cheap enough for every decision: it looks at the given pids only (their marker
+        or their ancestry up to an instance's top process, cached per process), never at
+        the whole process table. Pids that belong to none of them are left out.
+        """
         ...
 
     def exit_code(self, handle: Handle) -> int | None:

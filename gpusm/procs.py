@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -27,14 +28,17 @@ import psutil
 
 __all__ = [
     "CREATE_TIME_TOLERANCE_S",
+    "Lineage",
     "Marked",
     "Proc",
+    "attribute",
     "cmdline",
     "create_time",
     "find",
     "grow",
     "is_our_child",
     "kill_tree",
+    "lineage",
     "live_create_time",
     "lookup",
     "running",
@@ -176,11 +180,145 @@ def tree_pids(pid: int) -> set[int]:
 
 
 def _descendants(proc: Proc) -> list[Proc]:
-    # The one place that finds children: a walk of the whole process table today.
+    # The one place that finds children. Where the kernel lists each task's children
+    # (/proc/<pid>/task/<tid>/children), walk down from ``proc`` only; elsewhere psutil
+    # walks the whole process table.
+    if _children_files():
+        found: list[Proc] = []
+        todo = [int(proc.pid)]
+        while todo:
+            for pid in _children_of(todo.pop()):
+                child = lookup(pid)
+                if child is not None:
+                    found.append(child)
+                    todo.append(pid)
+        return found
     try:
         return list(proc.children(recursive=True))
     except psutil.Error:
         return []
+
+
+def _children_of(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for tid in tasks:
+        path = f"/proc/{pid}/task/{tid}/children"
+        with contextlib.suppress(OSError, ValueError), open(path, encoding="ascii") as f:
+            children += [int(c) for c in f.read().split()]
+    return children
+
+
+_CHILDREN_FILES: list[bool] = []
+
+
+def _children_files() -> bool:
+    """Whether this kernel lists children per task (CONFIG_PROC_CHILDREN)."""
+    if not _CHILDREN_FILES:
+        _CHILDREN_FILES.append(os.path.exists(f"/proc/self/task/{os.getpid()}/children"))
+    return _CHILDREN_FILES[0]
+
+
+# ---------------------------------------------------------------- attribution
+@dataclass(frozen=True)
+class Lineage:
+    """What attribution needs of one process, read once per (pid, create time).
+
+    ``marker`` is the value of the marker variable in its environment (None when it has
+    none or the environment cannot be read); ``ancestors`` are (pid, create time) of its
+    parent, grandparent... up to but not including pid 1, as they were when read.
+    """
+
+    pid: int
+    create_time: float
+    marker: str | None
+    ancestors: tuple[tuple[int, float], ...]
+
+
+# Enough for every GPU process of a busy host; the oldest entries go first beyond it.
+_LINEAGE_MAX = 4096
+_lineages: dict[tuple[int, float, str], Lineage] = {}
+_lineage_lock = threading.Lock()
+
+
+def lineage(pid: int, marker_key: str) -> Lineage | None:
+    """``pid``'s :class:`Lineage`, from the cache when this very process was read before.
+
+    Costs one create-time read when cached; a first read walks up the parent chain
+    (never the whole process table). None if there is no such process.
+    """
+    proc = lookup(pid)
+    ctime = None if proc is None else _create_time(proc)
+    if proc is None or ctime is None:
+        return None
+    key = (pid, ctime, marker_key)
+    with _lineage_lock:
+        known = _lineages.get(key)
+    if known is not None:
+        return known
+    found = Lineage(pid, ctime, _marker(proc, marker_key), _ancestors(proc))
+    with _lineage_lock:
+        if len(_lineages) >= _LINEAGE_MAX:
+            for old in list(_lineages)[: _LINEAGE_MAX // 4]:
+                del _lineages[old]
+        _lineages[key] = found
+    return found
+
+
+def attribute(
+    pids: Iterable[int], roots: Mapping[str, tuple[int | None, float | None]], marker_key: str
+) -> dict[int, str]:
+    """Which of ``pids`` belong to which instance of ``roots`` (instance -> its top
+    process's pid and create time).
+
+    A pid belongs to an instance when its environment carries the instance's marker
+    (``marker_key``), when it is the instance's top process, or when that process is
+    among its ancestors. Every other pid is someone else's.
+    """
+    tops = {(pid, ctime): instance for instance, (pid, ctime) in roots.items() if pid and ctime}
+    owners: dict[int, str] = {}
+    for pid in pids:
+        found = lineage(pid, marker_key)
+        if found is None:
+            continue
+        if found.marker is not None and found.marker in roots:
+            owners[pid] = found.marker
+            continue
+        for member in ((found.pid, found.create_time), *found.ancestors):
+            owner = _top_of(member, tops)
+            if owner is not None:
+                owners[pid] = owner
+                break
+    return owners
+
+
+def _top_of(member: tuple[int, float], tops: Mapping[tuple[int, float], str]) -> str | None:
+    for (pid, ctime), instance in tops.items():
+        if pid == member[0] and same_create_time(ctime, member[1]):
+            return instance
+    return None
+
+
+def _marker(proc: Proc, key: str) -> str | None:
+    try:
+        return proc.environ().get(key) or None
+    except psutil.Error:
+        return None  # another user's environment, or gone
+
+
+def _ancestors(proc: Proc) -> tuple[tuple[int, float], ...]:
+    chain: list[tuple[int, float]] = []
+    try:
+        parent = proc.parent()
+        while parent is not None and parent.pid > 1 and len(chain) < 64:
+            chain.append((int(parent.pid), float(parent.create_time())))
+            parent = parent.parent()
+    except psutil.Error:
+        pass  # an ancestor exited while we climbed: the chain so far is what there is
+    return tuple(chain)
 
 
 # ---------------------------------------------------------------- signals

@@ -293,3 +293,71 @@ def test_scan_marked_finds_marked_running_processes_with_their_identity(
     assert unmarked.pid not in scan(key)
     zombie(marked)
     assert scan(key) == {}
+
+
+# ---------------------------------------------------------------- attribution
+MARKER = "GPUSM_TEST_INSTANCE"
+# Forks a grandchild that leaves the session, then exits: the grandchild is re-parented
+# away from the top process (an escapee), and writes its pid to argv[1].
+ESCAPE = (
+    "import os, subprocess, sys\n"
+    f"c = subprocess.Popen([sys.executable, '-c', {SLEEP!r}], start_new_session=True)\n"
+    "open(sys.argv[1] + '.tmp', 'w').write(str(c.pid))\n"
+    "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+)
+
+
+def _root(pid: int) -> tuple[int, float | None]:
+    return (pid, procs.create_time(pid))
+
+
+def test_attribute_by_ancestry_names_the_descendants_of_an_instance_top(
+    spawn: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    top, child = tree_of(spawn, tmp_path)
+    owners = procs.attribute([top, child, os.getpid()], {"i1": _root(top)}, MARKER)
+    assert owners == {top: "i1", child: "i1"}
+
+
+def test_attribute_refuses_a_reused_pid_with_another_create_time(
+    spawn: list[subprocess.Popen[bytes]],
+) -> None:
+    proc = start(spawn)
+    eventually(lambda: procs.live_create_time(proc.pid), 10, "the child to run")
+    ctime = procs.create_time(proc.pid)
+    assert ctime is not None
+    # The pid once belonged to instance i1, started 1000 s earlier: not the same process.
+    assert procs.attribute([proc.pid], {"i1": (proc.pid, ctime - 1000.0)}, MARKER) == {}
+    assert procs.attribute([proc.pid], {"i1": (proc.pid, ctime)}, MARKER) == {proc.pid: "i1"}
+
+
+def test_attribute_by_marker_finds_an_escapee_whose_parent_is_gone(
+    spawn: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    out = tmp_path / "escapee"
+    env = {**os.environ, MARKER: "i9"}
+    parent = start(spawn, ESCAPE, str(out), env=env, new_session=True)
+    parent.wait(timeout=30)
+    escapee = int(eventually(lambda: out.exists() and out.read_text(), 10, "the escapee"))
+    try:
+        # Its top process exited: no ancestry leads to it, but its environment does.
+        roots = {"i9": (parent.pid, 1.0)}
+        assert procs.attribute([escapee], roots, MARKER) == {escapee: "i9"}
+        assert procs.attribute([escapee], {"other": (parent.pid, 1.0)}, MARKER) == {}
+    finally:
+        procs.kill_tree(escapee)
+
+
+def test_lineage_is_read_once_per_process(spawn: list[subprocess.Popen[bytes]]) -> None:
+    proc = start(spawn, env={**os.environ, MARKER: "i2"})
+    eventually(lambda: procs.live_create_time(proc.pid), 10, "the child to run")
+    first = procs.lineage(proc.pid, MARKER)
+    assert first is not None
+    assert first.marker == "i2"
+    assert first.ancestors[0][0] == os.getpid()
+    assert procs.lineage(proc.pid, MARKER) is first  # the cached reading
+    assert procs.lineage(proc.pid, "ANOTHER_KEY") is not first
+
+
+def test_lineage_of_no_process_is_none() -> None:
+    assert procs.lineage(2**22 + 5, MARKER) is None

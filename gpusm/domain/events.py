@@ -27,6 +27,7 @@ __all__ = [
     "OrphanReaped",
     "PhaseEntered",
     "Preempted",
+    "PrefetchAbandoned",
     "ProcessLaunched",
     "RecordedEvent",
     "Recovered",
@@ -152,6 +153,12 @@ class PhaseEntered(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrefetchAbandoned(Event):
+    """A prefetch that evicted services will not start what it evicted them for; data
+    says for what, what it evicted and why (coordinator stream)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class LeaseReleased(Event):
     """A client gave up its current phase (coordinator stream)."""
 
@@ -179,6 +186,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         VramObserved,
         OrphanReaped,
         PhaseEntered,
+        PrefetchAbandoned,
         LeaseReleased,
         Recovered,
     )

@@ -44,6 +44,8 @@ class Request:
     # The start generation of each service this request started, to know its failures.
     mine: dict[str, int] = field(default_factory=dict)
     last_plan: policy.Plan | None = None
+    # A prefetch that evicted and then gave up has said so in the log.
+    abandoned: bool = False
 
 
 class Admission:
@@ -55,6 +57,10 @@ class Admission:
         # ticket -> priority of every request holding its place for room being freed.
         self.waiting: dict[int, int] = {}
         self.closing = False
+        # ticket -> the services each waiting request needs.
+        self._wanted: dict[int, frozenset[str]] = {}
+        # upcoming phase -> the engine version at which its prefetch last found no room.
+        self._prefetch_checked: dict[str, int] = {}
 
     def check_open(self) -> None:
         """GpusmError once the coordinator is closing: nothing new starts."""
@@ -74,15 +80,22 @@ class Admission:
             while True:
                 with engine.cond:
                     self.check_open()
-                    if self._step(req, ticket):
+                    with engine.decision():
+                        done = self._step(req, ticket)
+                    if done:
                         return req.started, req.stops
                     left = req.deadline - engine.clock.monotonic()
                     if left <= 0:
                         raise self._timed_out(req)
                     engine.cond.wait(min(left, _POLL_S))
+        except GpusmError as exc:
+            if req.prefetch and req.stops:
+                self._abandon(req, str(exc))
+            raise
         finally:
             with engine.cond:
                 self.waiting.pop(ticket, None)
+                self._wanted.pop(ticket, None)
                 engine.cond.notify_all()
 
     def _step(self, req: Request, ticket: int) -> bool:
@@ -93,24 +106,43 @@ class Admission:
             return True
         self._raise_failures(pending, req.mine)
         startable = [n for n in pending if slots[n].state is State.STOPPED and not slots[n].busy]
-        if not startable or (req.prefetch and self.waiting):
-            return False
+        if not startable:
+            return req.prefetch and bool(req.started)  # a prefetch never waits for health
+        if req.prefetch and self.waiting:
+            # A request waits for room: a prefetch yields to it. One that already
+            # evicted hands over to a request for the same services (which starts them),
+            # or gives up (the room is the waiting request's); else it waits its turn.
+            if not req.stops:
+                return False
+            if any(set(req.needed) & wanted for wanted in self._wanted.values()):
+                return True
+            return self._abandon(req, "a request is waiting for room")
         if not policy.is_my_turn(ticket, req.priority, self.waiting):
             return False
         plan = self.plan(startable, req.client, req.priority, req.requester)
         if plan.fits and not plan.victims:
             self.waiting.pop(ticket, None)
+            self._wanted.pop(ticket, None)
             if req.stops:
                 crash_point("mid_preemption")
             self._start_all(plan.to_start, req)
             req.started += plan.to_start
             return req.prefetch  # a prefetch never waits for health
+        return self._make_room(req, ticket, plan, startable)
+
+    def _make_room(
+        self, req: Request, ticket: int, plan: policy.Plan, startable: Sequence[str]
+    ) -> bool:
+        """The plan needs stops first, or does not fit yet; True when the request is done."""
         if req.prefetch and not plan.fits:
-            return True
+            # What this prefetch evicted is still draining: wait for it, then start.
+            if req.stops and self._drains_suffice(plan):
+                return False
+            return self._abandon(req, plan.reason or "it no longer fits")
         if plan.fits:
             # Stops already under way may make the room: stop nothing more.
             if not self._drains_suffice(plan):
-                self._drain_victims(plan, req.client or req.requester, req.stops)
+                self._drain_victims(plan, req)
         else:
             req.last_plan = plan
             if plan.need_mib > self._ceiling(startable):
@@ -118,7 +150,21 @@ class Admission:
         if not req.prefetch:
             # Hold our place until we start: the room being freed is ours.
             self.waiting[ticket] = req.priority
+            self._wanted[ticket] = frozenset(req.needed)
         return False
+
+    def _abandon(self, req: Request, why: str) -> bool:
+        """A prefetch gives up; if it evicted anything, the log says why nothing followed.
+
+        Returns True (the prefetch is done).
+        """
+        if req.stops and not req.abandoned:
+            req.abandoned = True
+            evicted = [s.service for s in req.stops]
+            data = {"for": list(req.needed), "evicted": evicted, "reason": why}
+            with self.engine.cond:
+                self.engine.note(ev.PrefetchAbandoned(data={**data, "by": req.requester}))
+        return True
 
     def _timed_out(self, req: Request) -> GpusmError:
         if req.last_plan is not None and not req.last_plan.fits:
@@ -175,17 +221,21 @@ class Admission:
         return policy.admission_ceiling(total, engine.config.gpu.reserve_mib)
 
     # ------------------------------------------------------------ side effects
-    def _drain_victims(self, plan: policy.Plan, by: str, stops: list[StopNote]) -> None:
+    def _drain_victims(self, plan: policy.Plan, req: Request) -> None:
         """Commit each victim's drain and start its stop at once (caller holds the lock)."""
+        by = req.client or req.requester
         for victim in plan.victims:
             slot = self.engine.slots[victim.name]
             cls = ev.Preempted if victim.kind == "preempt" else ev.Evicted
-            data = {"reason": victim.reason, "by": by, "for": list(plan.to_start)}
+            data: dict[str, object] = {"reason": victim.reason, "by": by}
+            data["for"] = list(plan.to_start)
+            if req.prefetch:
+                data["prefetch"] = True
             # HEALTHY -> DRAINING
             if begin_drain(self.engine, slot, cls(data=data)):
                 wait = victim.kind == "preempt"
                 in_background(f"stop-{slot.name}", partial(finish_stop, self.engine, slot, wait))
-            stops.append(StopNote(victim.name, victim.kind, victim.reason))
+            req.stops.append(StopNote(victim.name, victim.kind, victim.reason))
 
     def _start_all(self, names: Sequence[str], req: Request) -> None:
         verb = "prefetch for" if req.prefetch else "needed by"
@@ -204,11 +254,13 @@ class Admission:
         engine = self.engine
         notes = []
         with engine.cond:
-            for n in names:
-                slot = engine.slots[n]
-                if begin_drain(engine, slot, ev.DrainRequested(data={"reason": reason, "by": by})):
-                    in_background(f"stop-{n}", partial(finish_stop, engine, slot))
-                notes.append(StopNote(n, kind, reason))
+            with engine.decision():
+                for n in names:
+                    slot = engine.slots[n]
+                    drain = ev.DrainRequested(data={"reason": reason, "by": by})
+                    if begin_drain(engine, slot, drain):
+                        in_background(f"stop-{n}", partial(finish_stop, engine, slot))
+                    notes.append(StopNote(n, kind, reason))
             while any(engine.slots[n].state is State.DRAINING for n in names):
                 left = deadline - engine.clock.monotonic()
                 if left <= 0:
@@ -227,12 +279,16 @@ class Admission:
     def _try_prefetch(self, upcoming: str, after: str, client: str) -> tuple[str, ...]:
         engine = self.engine
         needed = list(engine.config.phases[upcoming].services)
-        with engine.cond:
+        with engine.decision():
             missing = [n for n in needed if engine.slots[n].state not in RUNNING_STATES]
             if not missing or self.waiting:
                 return ()
+            # Nothing changed since this prefetch last found no room: it still finds none.
+            if self._prefetch_checked.get(upcoming) == engine.version:
+                return ()
             plan = self.plan(missing, None, PREFETCH_PRIORITY, f"phase {upcoming}")
             if not plan.fits:
+                self._prefetch_checked[upcoming] = engine.version
                 return ()
         req = Request(
             needed=needed,

@@ -196,12 +196,12 @@ class Coordinator:
         t0 = engine.clock.monotonic()
         budget = timeout if timeout is not None else self._admission.default_timeout(needed)
         deadline = t0 + budget
-        with engine.cond:
+        with engine.decision():
             self._admission.check_open()
             free_before = engine.free_mib(self._device_of(needed))
             ready = all(engine.slots[n].state is State.HEALTHY for n in needed)
             prio = policy.request_priority(needed, engine.views(), priority)
-            engine.leases[client] = Lease(phase.name, frozenset(needed), prio)
+            engine.set_lease(client, Lease(phase.name, frozenset(needed), prio))
             engine.note(
                 ev.PhaseEntered(
                     data={
@@ -267,7 +267,7 @@ class Coordinator:
     def release(self, client: str = "default") -> None:
         """Drop ``client``'s lease; its services stay warm until their room is needed."""
         with self._engine.cond:
-            lease = self._engine.leases.pop(client, None)
+            lease = self._engine.drop_lease(client)
             if lease is not None:
                 self._engine.note(ev.LeaseReleased(data={"client": client, "phase": lease.phase}))
             self._engine.cond.notify_all()
@@ -328,7 +328,7 @@ class Coordinator:
         """Dry run: what entering ``name`` would stop and start, or why it cannot fit."""
         needed = list(self._engine.config.phase(name).services)
         engine = self._engine
-        with engine.cond:
+        with engine.decision():
             prio = policy.request_priority(needed, engine.views(), priority)
             missing = [n for n in needed if engine.slots[n].state not in RUNNING_STATES]
             if not missing:
@@ -344,7 +344,7 @@ class Coordinator:
     def status(self) -> Status:
         """Devices, services and leases now."""
         engine = self._engine
-        with engine.cond:
+        with engine.decision():
             usage: dict[str, int] = {}
             devices = tuple(_device_status(engine, d, usage) for d in engine.devices())
             now = engine.clock.monotonic()

@@ -5,7 +5,8 @@ that failed its health check ``failures_before_crash`` times in a row (after sto
 it); (2) restarts crashed services that a client still needs, with exponential backoff
 and a start budget per window, after which the service goes to ``failed``; (3) records
 ``VramObserved`` when a service's measured use exceeds its learned peak; (4) stops idle
-services whose ``idle_ttl_s`` has passed; (5) retries stops that failed.
+services whose ``idle_ttl_s`` has passed; (5) retries stops that failed; (6) every
+``sweep_interval_s``, reaps marked processes that outlived their instance (``sweep``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gpusm.domain import policy
 from gpusm.domain.states import State
 from gpusm.engine.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
 from gpusm.engine.state import Engine, Slot
+from gpusm.engine.sweep import SWEEP_INTERVAL_S, sweep
 from gpusm.errors import GpusmError
 
 __all__ = ["Monitor"]
@@ -29,9 +31,13 @@ _log = logging.getLogger("gpusm")
 class Monitor:
     """Runs :meth:`tick` every ``interval_s`` until stopped."""
 
-    def __init__(self, engine: Engine, interval_s: float = 0.25) -> None:
+    def __init__(
+        self, engine: Engine, interval_s: float = 0.25, sweep_interval_s: float = SWEEP_INTERVAL_S
+    ) -> None:
         self.engine = engine
         self.interval_s = interval_s
+        self.sweep_interval_s = sweep_interval_s
+        self._next_sweep = engine.clock.monotonic() + sweep_interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpusm-monitor", daemon=True)
         self._last_probe: dict[str, float] = {}
@@ -69,7 +75,7 @@ class Monitor:
                 self._check_slot(slot)
             except GpusmError:
                 continue
-        for step in (self._observe_vram, self._restart_due, self._expire_idle):
+        for step in (self._observe_vram, self._restart_due, self._expire_idle, self._sweep_due):
             try:
                 step()
             except GpusmError:
@@ -149,7 +155,7 @@ class Monitor:
     def _restart_due(self) -> None:
         engine = self.engine
         now = engine.clock.monotonic()
-        with engine.cond:
+        with engine.decision():
             for slot in engine.slots.values():
                 if slot.restart_at is not None and (
                     self._restart_for.get(slot.name) != slot.generation
@@ -184,14 +190,20 @@ class Monitor:
                     self._schedule_restart(slot)
             raise
 
+    def _sweep_due(self) -> None:
+        now = self.engine.clock.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_interval_s
+            sweep(self.engine)
+
     # ---------------------------------------------------------------- VRAM and TTL
     def _observe_vram(self) -> None:
         engine = self.engine
         for device in engine.devices():
-            snap = engine.snapshot(device)
-            with engine.cond:
+            with engine.decision():
+                _, snap, owners = engine.gpu_view(device)
                 usage: dict[str, int] = {}
-                for pid, owner in engine.our_pids(device).items():
+                for pid, owner in owners.items():
                     usage[owner] = usage.get(owner, 0) + snap.processes.get(pid, 0)
                 for name, used in usage.items():
                     slot = engine.slots[name]

@@ -35,7 +35,7 @@ from gpusm.engine.state import Engine, Slot
 from gpusm.errors import GpusmError
 from gpusm.ports import Handle
 
-__all__ = ["recover"]
+__all__ = ["reap", "recover"]
 
 _HANDLE_EVENTS = ("StartRequested", "ProcessLaunched", "Adopted")
 
@@ -61,10 +61,10 @@ def recover(engine: Engine) -> dict[str, Any]:
         fixes += _reconcile(engine, slot, extra)
         for handle in extra:
             if slot.handle is None or handle.instance != slot.handle.instance:
-                fixes.append(_reap(engine, handle, slot))
+                fixes.append(reap(engine, handle, slot))
     for handle in orphans:
         if handle.service not in engine.slots:
-            fixes.append(_reap(engine, handle, None))
+            fixes.append(reap(engine, handle, None))
     summary = {"corrections": fixes, **engine.vram_data(0)}
     engine.note(ev.Recovered(data=summary))
     return summary
@@ -206,8 +206,14 @@ def _stop_handle(engine: Engine, slot: Slot) -> None:
             engine.runtime(slot).stop(slot.handle, slot.config.stop_timeout_s)
 
 
-def _reap(engine: Engine, handle: Handle, slot: Slot | None) -> str:
-    data: dict[str, Any] = {**handle.as_data(), "reason": "no running state explains it"}
+def reap(
+    engine: Engine,
+    handle: Handle,
+    slot: Slot | None,
+    reason: str = "no running state explains it",
+) -> str:
+    """Stop an instance carrying our marker that no running state explains; record it."""
+    data: dict[str, Any] = {**handle.as_data(), "reason": reason}
     try:
         engine.runtime_of(handle).stop(handle, slot.config.stop_timeout_s if slot else 5.0)
     except GpusmError as exc:

@@ -10,7 +10,8 @@ the in-memory state is trusted: if the append fails, the state is rolled back.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ from gpusm.domain import policy
 from gpusm.domain.events import COORDINATOR_STREAM, Event, NewEvent, RecordedEvent, ServiceEvent
 from gpusm.domain.machine import ServiceMachine
 from gpusm.domain.states import ACTIVE_STATES, State
-from gpusm.errors import GpuProbeError, ServiceRuntimeError
+from gpusm.errors import GpuProbeError, GpusmError, ServiceRuntimeError
 from gpusm.ports import (
     Clock,
     DeviceSnapshot,
@@ -185,6 +186,10 @@ class Engine:
         self.leases: dict[str, Lease] = {}
         self.coordinator_version = 0
         self.closed = False
+        # Bumped by every service transition and lease change: "has anything changed?"
+        self.version = 0
+        # The GPU readings of each thread's decision in progress (see :meth:`decision`).
+        self._local = threading.local()
 
     # ------------------------------------------------------------ recording
     def record(self, slot: Slot, event: ServiceEvent) -> RecordedEvent:
@@ -200,6 +205,11 @@ class Engine:
                 raise
             if new.from_state != new.to_state:
                 slot.state_since = self.clock.monotonic()
+            self.version += 1
+            readings = self._readings
+            if readings is not None:
+                # Who is active changed: attribute the GPU's pids afresh.
+                self._local.readings = {d: (snap, None) for d, (snap, _) in readings.items()}
             self.cond.notify_all()
             return recorded
 
@@ -240,9 +250,48 @@ class Engine:
                 handle.service, f"its instance runs under runtime {handle.kind!r}, not loaded"
             ) from None
 
+    @contextmanager
+    def decision(self) -> Iterator[None]:
+        """Take the lock; inside, each device is read from the GPU once (and attributed
+        once), and the plan, the events' VRAM numbers and the result share that reading.
+
+        Nested decisions of the same thread share the outer one's readings. A decision
+        must not wait on the condition: the readings would outlive what they describe.
+        """
+        with self.cond:
+            outer = self._readings is not None
+            if not outer:
+                self._local.readings = {}
+            try:
+                yield
+            finally:
+                if not outer:
+                    self._local.readings = None
+
+    @property
+    def _readings(self) -> dict[int, tuple[DeviceSnapshot, dict[int, str] | None]] | None:
+        # Per thread: a decision belongs to the thread that holds the lock for it.
+        readings: dict[int, tuple[DeviceSnapshot, dict[int, str] | None]] | None = getattr(
+            self._local, "readings", None
+        )
+        return readings
+
     def snapshot(self, device: int) -> DeviceSnapshot:
-        """One reading of ``device`` (GpuProbeError passes through)."""
-        return self.probe.snapshot(device)
+        """One reading of ``device`` (GpuProbeError passes through); within a
+        :meth:`decision`, the decision's reading."""
+        return self._reading(device)[0]
+
+    def _reading(self, device: int) -> tuple[DeviceSnapshot, dict[int, str] | None]:
+        readings = self._readings
+        if readings is not None and device in readings:
+            return readings[device]
+        reading: tuple[DeviceSnapshot, dict[int, str] | None] = (
+            self.probe.snapshot(device),
+            None,
+        )
+        if readings is not None:
+            readings[device] = reading
+        return reading
 
     def pids(self, slot: Slot) -> set[int]:
         """Host pids of ``slot``'s running instance (empty when none)."""
@@ -258,19 +307,34 @@ class Engine:
         """GPU indices that configured services use."""
         return sorted({s.config.gpu for s in self.slots.values()}) or [0]
 
-    def our_pids(self, device: int) -> dict[int, str]:
-        """pid -> service for every active service on ``device``."""
-        owners: dict[int, str] = {}
+    def owners(self, device: int, snap: DeviceSnapshot) -> dict[int, str]:
+        """GPU pid -> service, for the pids of ``snap`` that belong to an active service.
+
+        Asks each runtime about the GPU's pids only (marker or ancestry, cached per
+        process): the cost follows the GPU's process count, not the host's.
+        """
+        handles: dict[str, list[Handle]] = {}
         for slot in self.slots.values():
-            if slot.config.gpu == device and slot.state in ACTIVE_STATES:
-                for pid in self.pids(slot):
-                    owners[pid] = slot.name
+            if slot.config.gpu == device and slot.state in ACTIVE_STATES and slot.handle:
+                handles.setdefault(slot.handle.kind, []).append(slot.handle)
+        owners: dict[int, str] = {}
+        for group in handles.values():
+            left = [pid for pid in snap.processes if pid not in owners]
+            if not left:
+                break
+            try:
+                found = self.runtime_of(group[0]).attribute(left, group)
+            except GpusmError:
+                continue  # e.g. its runtime is not loaded: its memory counts as foreign
+            owners.update({pid: handle.service for pid, handle in found.items()})
         return owners
 
     def gpu_view(self, device: int) -> tuple[policy.GpuView, DeviceSnapshot, dict[int, str]]:
         """The policy's view of ``device``: free memory, foreign usage and reserve."""
-        snap = self.snapshot(device)
-        owners = self.our_pids(device)
+        snap, owners_known = self._reading(device)
+        owners = owners_known if owners_known is not None else self.owners(device, snap)
+        if self._readings is not None:
+            self._readings[device] = (snap, owners)
         foreign = sum(mib for pid, mib in snap.processes.items() if pid not in owners)
         view = policy.GpuView(
             total_mib=snap.total_mib,
@@ -295,6 +359,19 @@ class Engine:
             for name, slot in self.slots.items()
             if device is None or slot.config.gpu == device
         }
+
+    def set_lease(self, client: str, lease: Lease) -> None:
+        """``client`` now holds ``lease`` (caller holds the lock)."""
+        if self.leases.get(client) != lease:
+            self.leases[client] = lease
+            self.version += 1
+
+    def drop_lease(self, client: str) -> Lease | None:
+        """``client`` holds nothing any more; returns what it held (caller holds the lock)."""
+        lease = self.leases.pop(client, None)
+        if lease is not None:
+            self.version += 1
+        return lease
 
     def other_leases(self, client: str | None) -> dict[str, frozenset[str]]:
         """Services held by each client other than ``client``."""

@@ -16,7 +16,7 @@ import errno
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -29,6 +29,7 @@ from gpusm.clock import SystemClock
 from gpusm.config import DockerServiceConfig, ServiceConfig
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed, ServiceStopFailed
 from gpusm.ports import Clock, Handle, Runtime, StopResult
+from gpusm.runtimes.native import attribute_by_lineage
 
 __all__ = ["LABEL_INSTANCE", "LABEL_SERVICE", "RUNTIME_ENV", "DockerRuntime", "container_name"]
 
@@ -166,6 +167,11 @@ class DockerRuntime:
             escalated=escalated,
             already_dead=already_dead,
         )
+
+    def attribute(self, pids: Collection[int], handles: Sequence[Handle]) -> dict[int, Handle]:
+        """Host pids carrying an instance's marker, or descending from the container's
+        init process; asks the Docker engine nothing."""
+        return attribute_by_lineage(pids, handles)
 
     def pids_of(self, handle: Handle) -> set[int]:
         """Host pids of every process in the container (empty once it is not running)."""

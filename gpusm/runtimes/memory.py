@@ -13,7 +13,7 @@ A fake GPU can attribute memory to the fake pids through ``on_start`` / ``on_exi
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -165,6 +165,14 @@ class MemoryRuntime:
         """The fake pid and its fake children; empty once the instance ended."""
         proc = self._find(handle)
         return set() if proc is None else proc.pids
+
+    def attribute(self, pids: Collection[int], handles: Sequence[Handle]) -> dict[int, Handle]:
+        """The fake pids of each live instance among ``handles``."""
+        owners: dict[int, Handle] = {}
+        for handle in handles:
+            for pid in self.pids_of(handle) & set(pids):
+                owners[pid] = handle
+        return owners
 
     def find_orphans(self) -> list[Handle]:
         """Every live fake instance on the machine, whoever started it."""

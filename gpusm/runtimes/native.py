@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -220,6 +220,10 @@ class NativeRuntime:
             return set()
         return {p.pid for p in procs.tree(proc) if procs.running(p)}
 
+    def attribute(self, pids: Collection[int], handles: Sequence[Handle]) -> dict[int, Handle]:
+        """Pids carrying an instance's marker, or descending from its top process."""
+        return attribute_by_lineage(pids, handles)
+
     def find_orphans(self) -> list[Handle]:
         """Live processes carrying the gpusm markers: the topmost one of each instance."""
         found = {
@@ -318,6 +322,15 @@ class NativeRuntime:
     # ------------------------------------------------------------ close
     def close(self) -> None:
         """Nothing to release (services keep running); idempotent."""
+
+
+def attribute_by_lineage(pids: Collection[int], handles: Sequence[Handle]) -> dict[int, Handle]:
+    """:meth:`gpusm.ports.Runtime.attribute` for instances made of host processes
+    (native ones, and containers seen from the host): marker or ancestry."""
+    by_instance = {h.instance: h for h in handles}
+    roots = {h.instance: (h.pid, h.create_time) for h in handles}
+    owners = procs.attribute(pids, roots, INSTANCE_ENV)
+    return {pid: by_instance[instance] for pid, instance in owners.items()}
 
 
 def _remember(proc: subprocess.Popen[bytes], create_time: float) -> None:

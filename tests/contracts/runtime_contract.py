@@ -225,6 +225,27 @@ class RuntimeContract(abc.ABC):
         assert again.already_dead
         assert not again.escalated
 
+    def test_attribute_names_the_instance_of_its_own_and_its_descendants_pids(
+        self, runtime: Runtime
+    ) -> None:
+        handle = self.start(runtime, self.forking_service(runtime, self.name()))
+        other = self.start(runtime, self.sleeping_service(runtime, self.name()))
+        eventually(lambda: len(runtime.pids_of(handle)) >= 3, self.patience_s, "3 pids")
+        pids = runtime.pids_of(handle)
+        others = runtime.pids_of(other)
+        found = runtime.attribute([*pids, *others, os.getpid()], [handle, other])
+        assert {pid for pid, h in found.items() if h == handle} == pids
+        assert {pid for pid, h in found.items() if h == other} == others
+        assert os.getpid() not in found  # this test process is nobody's
+
+    def test_attribute_gives_nothing_to_a_stale_handle(self, runtime: Runtime) -> None:
+        handle = self.start(runtime, self.sleeping_service(runtime, self.name()))
+        pids = runtime.pids_of(handle)
+        assert runtime.attribute(pids, [handle]) == dict.fromkeys(pids, handle)
+        # The same pid with another create time is another process: not this instance's.
+        stale = dataclasses.replace(self.stale_handle(handle), instance=f"{handle.instance}-x")
+        assert runtime.attribute(pids, [stale]) == {}
+
     def test_reused_pid_is_not_mistaken_for_the_instance(self, runtime: Runtime) -> None:
         handle = self.start(runtime, self.sleeping_service(runtime, self.name()))
         stale = self.stale_handle(handle)

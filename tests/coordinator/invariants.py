@@ -8,11 +8,28 @@ answers (a fresh health checker) and what the simulated GPU really holds.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 from gpusm import Coordinator
+from gpusm.domain.events import RecordedEvent
 from gpusm.gpu.sim import SimGpu
 from gpusm.health import Health
 from gpusm.wiring import build_runtimes
+
+
+def assert_prefetch_evictions_were_for_something(events: Sequence[RecordedEvent]) -> None:
+    """Every eviction a prefetch made is followed by a start of a service it was made for
+    (by the prefetch, or by the request it handed over to), or by a ``PrefetchAbandoned``
+    naming it (and saying why)."""
+    for i, event in enumerate(events):
+        if event.type != "Evicted" or not event.data.get("prefetch"):
+            continue
+        later = events[i + 1 :]
+        started = any(e.type == "StartRequested" and e.stream in event.data["for"] for e in later)
+        abandoned = any(
+            e.type == "PrefetchAbandoned" and event.stream in e.data["evicted"] for e in later
+        )
+        assert started or abandoned, f"prefetch eviction #{event.seq} of {event.stream} led nowhere"
 
 
 def assert_consistent(coordinator: Coordinator, sim: SimGpu) -> None:

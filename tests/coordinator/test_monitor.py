@@ -379,3 +379,39 @@ def test_a_start_whose_fact_cannot_be_recorded_is_drained_not_left_busy(
         assert world.state("a") is State.HEALTHY
     finally:
         world.coordinator.close()
+
+
+# ---------------------------------------------------------------- the sweep
+def test_the_sweep_reaps_an_instance_that_outlived_its_service_but_not_the_running_one(
+    make: Make,
+) -> None:
+    world = make({"a": fake_service(2048), "b": fake_service(1024)})
+    world.coordinator.start_service("a")
+    running = world.handle("a")
+    # A leftover of an earlier instance of "a" (an escaped descendant that outlived it).
+    ghost = world.runtime.start(world.config.services["a"], "ghost")
+    world.tick()
+    assert world.runtime.is_alive(ghost), "the sweep waits for its interval"
+    before = world.last_seq()
+    world.clock.advance(10)
+    world.tick()
+    assert not world.runtime.is_alive(ghost)
+    assert world.runtime.is_alive(running)
+    assert world.types("a", after_seq=before) == ["OrphanReaped"]
+    reaped = world.last("a", "OrphanReaped")
+    assert reaped["instance"] == "ghost"
+    assert "outlived its instance" in reaped["reason"]
+    assert world.state("a") is State.HEALTHY
+
+
+def test_the_sweep_leaves_a_service_that_is_starting_alone(make: Make) -> None:
+    world = make({"a": fake_service(2048, health={"timeout_s": 60})})
+    world.health.ready_after["a"] = 10**6  # it never becomes healthy during this test
+    with world.engine.cond:
+        begin_start(world.engine, world.slot("a"), {"reason": "test"})
+    # Started, launched but not yet attached as far as the sweep can tell: busy.
+    pending = world.runtime.start(world.config.services["a"], "not-attached-yet")
+    world.clock.advance(10)
+    world.monitor.tick()  # not world.tick(): the start stays in flight on purpose
+    assert world.runtime.is_alive(pending)
+    world.runtime.stop(pending, 0.0)

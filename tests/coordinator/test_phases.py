@@ -14,6 +14,7 @@ from gpusm import Coordinator
 from gpusm.domain.states import State
 from gpusm.errors import CoordinatorBusy, InsufficientVram, ServiceStartFailed, UnknownName
 from gpusm.ports import EventQuery
+from tests.coordinator.invariants import assert_prefetch_evictions_were_for_something
 from tests.seed_helpers import seed_config, sim_of, write_config
 from tests.support import eventually, state_of
 
@@ -41,7 +42,13 @@ def test_seed_pipeline_runs_three_items_without_oom(
             assert set(result.started) | set(result.kept) == set(needed)
     sim = sim_of(seed_path)
     assert sim.ooms() == []
+    assert coordinator.wait_settled(30)
     events = coordinator.events()
+    prefetch_evictions = [e for e in events if e.type == "Evicted" and e.data.get("prefetch")]
+    assert prefetch_evictions, "the seed pipeline makes room for a prefetch"
+    assert_prefetch_evictions_were_for_something(events)
+    # One worker: nothing competes for the room a prefetch made, so it always starts.
+    assert [e.data for e in events if e.type == "PrefetchAbandoned"] == []
     stops = [e for e in events if e.type == "Stopped"]
     assert stops, "the pipeline must have stopped something"
     by_stream: dict[str, list[str]] = {}
