@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -90,16 +91,47 @@ def create_time(target: int | Proc | None) -> float | None:
 
 
 def live_create_time(pid: int) -> float | None:
-    """Create time of a live, non-zombie process; None if there is none."""
-    proc = lookup(pid)
-    if proc is None:
+    """Create time of a live, non-zombie process; None if there is none.
+
+    Cheap enough for every GPU reading: one read of ``/proc/<pid>/stat``, whose start
+    time (in clock ticks since boot) names the process; the seconds-since-the-epoch value
+    is computed once per process.
+    """
+    stat = _stat(pid)
+    if stat is None:
         return None
+    state, ticks = stat
+    if state == "Z":
+        return None
+    key = (pid, ticks)
+    known = _ctimes.get(key)
+    if known is not None:
+        return known
+    proc = lookup(pid)
+    ctime = None if proc is None else _create_time(proc)
+    if ctime is not None:
+        if len(_ctimes) >= _LINEAGE_MAX:
+            _ctimes.clear()
+        _ctimes[key] = ctime
+    return ctime
+
+
+# (pid, start ticks) -> create time in seconds since the epoch.
+_ctimes: dict[tuple[int, int], float] = {}
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in ticks) from /proc/<pid>/stat; None if unreadable."""
     try:
-        with proc.oneshot():
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return float(proc.create_time())
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return fields[0].decode(), int(fields[19])
+    except (IndexError, ValueError):
         return None
 
 
@@ -238,6 +270,8 @@ class Lineage:
     ancestors: tuple[tuple[int, float], ...]
 
 
+# A process younger than this may not show its own environment yet (see lineage()).
+_YOUNG_S = 1.0
 # Enough for every GPU process of a busy host; the oldest entries go first beyond it.
 _LINEAGE_MAX = 4096
 _lineages: dict[tuple[int, float, str], Lineage] = {}
@@ -250,16 +284,22 @@ def lineage(pid: int, marker_key: str) -> Lineage | None:
     Costs one create-time read when cached; a first read walks up the parent chain
     (never the whole process table). None if there is no such process.
     """
-    proc = lookup(pid)
-    ctime = None if proc is None else _create_time(proc)
-    if proc is None or ctime is None:
+    ctime = live_create_time(pid)
+    if ctime is None:
         return None
     key = (pid, ctime, marker_key)
     with _lineage_lock:
         known = _lineages.get(key)
     if known is not None:
         return known
+    proc = find(pid, ctime)
+    if proc is None:
+        return None
     found = Lineage(pid, ctime, _marker(proc, marker_key), _ancestors(proc))
+    if found.marker is None and time.time() - ctime < _YOUNG_S:
+        # Between fork and exec a child still has its parent's environment: an unmarked
+        # reading of a process this young is not final.
+        return found
     with _lineage_lock:
         if len(_lineages) >= _LINEAGE_MAX:
             for old in list(_lineages)[: _LINEAGE_MAX // 4]:

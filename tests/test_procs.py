@@ -342,7 +342,8 @@ def test_attribute_by_marker_finds_an_escapee_whose_parent_is_gone(
     try:
         # Its top process exited: no ancestry leads to it, but its environment does.
         roots = {"i9": (parent.pid, 1.0)}
-        assert procs.attribute([escapee], roots, MARKER) == {escapee: "i9"}
+        found = eventually(lambda: procs.attribute([escapee], roots, MARKER), 10, "its marker")
+        assert found == {escapee: "i9"}
         assert procs.attribute([escapee], {"other": (parent.pid, 1.0)}, MARKER) == {}
     finally:
         procs.kill_tree(escapee)
@@ -350,10 +351,12 @@ def test_attribute_by_marker_finds_an_escapee_whose_parent_is_gone(
 
 def test_lineage_is_read_once_per_process(spawn: list[subprocess.Popen[bytes]]) -> None:
     proc = start(spawn, env={**os.environ, MARKER: "i2"})
-    eventually(lambda: procs.live_create_time(proc.pid), 10, "the child to run")
-    first = procs.lineage(proc.pid, MARKER)
-    assert first is not None
-    assert first.marker == "i2"
+
+    def marked() -> procs.Lineage | None:
+        found = procs.lineage(proc.pid, MARKER)
+        return found if found is not None and found.marker == "i2" else None
+
+    first = eventually(marked, 10, "the child's own environment")
     assert first.ancestors[0][0] == os.getpid()
     assert procs.lineage(proc.pid, MARKER) is first  # the cached reading
     assert procs.lineage(proc.pid, "ANOTHER_KEY") is not first
