@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ __all__ = [
     "fake_service_entry",
     "free_port",
     "http_client",
+    "idle_processes",
     "median",
     "ms",
     "percentile",
@@ -160,6 +162,65 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
     # Our children lead their own session (start_new_session), so the group id is the pid.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
+
+
+# A process that forks ``argv[1]`` children, each blocked reading a pipe whose only
+# write end it keeps. When its stdin closes or it gets SIGTERM it closes that end, the
+# children read EOF and exit, and it reaps them all; if it is killed outright, the
+# children still read EOF and exit (their new parent reaps them).
+_IDLE_SPAWNER = """
+import os, signal, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+r, w = os.pipe()
+pids = []
+try:
+    for _ in range(int(sys.argv[1])):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(w)
+                os.read(r, 1)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    os.close(r)
+    sys.stdout.write("ready\\n")
+    sys.stdout.flush()
+    sys.stdin.read()
+finally:
+    os.close(w)
+    for pid in pids:
+        os.waitpid(pid, 0)
+"""
+
+
+@contextlib.contextmanager
+def idle_processes(guard: ProcessGuard, count: int, timeout_s: float = 60.0) -> Iterator[int]:
+    """``count`` extra idle processes on the host (no GPU memory, no CPU) while inside.
+
+    They are forked by one spawner registered with ``guard``, and are all gone when the
+    block ends, whatever happens (``guard.stop`` ends the spawner's group, the children
+    included). Yields the spawner's pid.
+    """
+    proc = guard.popen(
+        [PY, "-S", "-c", _IDLE_SPAWNER, str(count)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        if proc.stdout is None:
+            raise RuntimeError("the spawner has no stdout pipe")
+        ready = select.select([proc.stdout], [], [], timeout_s)[0]
+        if not ready or proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"the spawner of {count} idle processes did not get ready")
+        yield proc.pid
+    finally:
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()  # the spawner ends its children and reaps them
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout_s)
+        guard.stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @dataclass

@@ -19,6 +19,10 @@ One worker runs every item through every phase; the makespan is its wall time.
   and cosyvoice loads only once analysis has released vidi (``L(cosyvoice)`` exposed),
   or comfyui loads after analysis, beside cosyvoice, hidden only by the tts work
   (``L(comfyui) - work(tts)`` exposed). So each item adds at least the smaller of the two.
+
+Goals (the performance issue's): makespan ≤ 0.7x the eager plan's and ≤ 1.3x the lower
+bound. Cold starts per item (``StartRequested`` events, prefetches included, over the
+items) are reported for both policies, without a goal.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from gpusm import Coordinator
 from gpusm.gpu.sim import SimGpu
 from gpusm.ports import EventQuery
 
-__all__ = ["run"]
+__all__ = ["GOAL_VS_BOUND", "GOAL_VS_EAGER", "lower_bound", "run"]
 
 # name: (vram MiB, priority, load s)
 SERVICES = {
@@ -56,6 +60,8 @@ PIPELINE = ["crawl", "analysis", "tts", "video", "render"]
 STOP_S = 0.5
 LAG_S = 0.2
 WORK_S = (1.0, 2.0)
+GOAL_VS_EAGER = 0.7
+GOAL_VS_BOUND = 1.3
 
 
 def _doc(ctx: Ctx, name: str, scale: float, eager: bool) -> dict[str, Any]:
@@ -157,6 +163,10 @@ def run(ctx: Ctx) -> list[Row]:
     own = _own_loads(ctx, scale, 1 if ctx.quick else 2)
     bound = lower_bound(work, own)
     label = f"{items} items, loads and work x {scale:g}"
+    vs_eager = ours["makespan_s"] / eager["makespan_s"]
+    vs_bound = ours["makespan_s"] / bound
+    ours_per_item = ours["service_starts"] / items
+    eager_per_item = eager["service_starts"] / items
     details = {
         "items": items,
         "scale": scale,
@@ -166,6 +176,8 @@ def run(ctx: Ctx) -> list[Row]:
         "gpusm": ours,
         "eager_release": eager,
         "eager_over_lower_bound": eager["makespan_s"] / bound,
+        "gpusm_starts_per_item": ours_per_item,
+        "eager_starts_per_item": eager_per_item,
     }
     return [
         Row(
@@ -175,9 +187,9 @@ def run(ctx: Ctx) -> list[Row]:
                 f"release_all in CPU phases: {eager['makespan_s']:.2f} s "
                 f"({eager['service_starts']} starts)"
             ),
-            ratio=ours["makespan_s"] / eager["makespan_s"],
-            goal="< 1",
-            met=ours["makespan_s"] < eager["makespan_s"],
+            ratio=vs_eager,
+            goal=f"≤ {GOAL_VS_EAGER:g}x",
+            met=vs_eager <= GOAL_VS_EAGER,
             details=details,
         ),
         Row(
@@ -187,8 +199,19 @@ def run(ctx: Ctx) -> list[Row]:
                 f"work {total_work:.2f} s + loads no schedule can hide → {bound:.2f} s "
                 f"(eager: {eager['makespan_s'] / bound:.2f}x)"
             ),
-            ratio=ours["makespan_s"] / bound,
-            goal="— (1 is ideal)",
+            ratio=vs_bound,
+            goal=f"≤ {GOAL_VS_BOUND:g}x (1 is ideal)",
+            met=vs_bound <= GOAL_VS_BOUND,
+        ),
+        Row(
+            figure=f"6. Cold starts per item, StartRequested / items ({label})",
+            gpusm=f"{ours_per_item:.2f} ({ours['service_starts']} starts)",
+            baseline=(
+                f"release_all in CPU phases: {eager_per_item:.2f} "
+                f"({eager['service_starts']} starts)"
+            ),
+            ratio=ours_per_item / eager_per_item if eager_per_item else None,
+            goal="—",
             met=None,
         ),
     ]

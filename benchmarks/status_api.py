@@ -43,14 +43,16 @@ from benchmarks.common import (
 )
 from benchmarks.pipeline import PIPELINE, SERVICES
 
-__all__ = ["load_test", "run"]
+__all__ = ["GOAL_LONE_P50_S", "api_missing", "load_test", "run", "start_logged", "wait_until"]
 
 CLIENTS = 50
 SCALE = 0.1
 MIB = 1024 * 1024
+GOAL_LONE_P50_S = 0.001
 
 
-def _api_missing() -> str | None:
+def api_missing() -> str | None:
+    """Why the daemon's API cannot be benchmarked (a missing module), or None."""
     for module in ("gpusm.api.app", "gpusm.client"):
         try:
             importlib.import_module(module)
@@ -115,7 +117,10 @@ def load_test(url: str, clients: int, warm_s: float, measure_s: float) -> dict[s
     return asyncio.run(_load(url, clients, warm_s, measure_s))
 
 
-def _wait(url: str, ok: Any, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+def wait_until(
+    url: str, ok: Any, timeout_s: float, proc: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Poll ``url`` every 50 ms until ``ok(response)``; fail if ``proc`` exits first."""
     deadline = time.perf_counter() + timeout_s
     with httpx.Client(trust_env=False) as client:
         while time.perf_counter() < deadline:
@@ -172,16 +177,17 @@ def _not_available(why: str) -> list[Row]:
     ]
 
 
-def _start(
+def start_logged(
     ctx: Ctx, argv: list[str], log: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
+    """Start ``argv`` under the guard, its output appended to ``log``."""
     with log.open("ab") as out:
         return ctx.guard.popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def run(ctx: Ctx) -> list[Row]:
     """A pipeline through the daemon, its memory, then status under load against the baseline."""
-    missing = _api_missing()
+    missing = api_missing()
     if missing is not None:
         return _not_available(missing)
     from gpusm.client import Client
@@ -193,7 +199,7 @@ def run(ctx: Ctx) -> list[Row]:
     path = _config(folder, port)
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "GPUSM_TOKEN": token}
-    daemon = _start(
+    daemon = start_logged(
         ctx,
         [PY, "-m", "gpusm", "serve", "-c", str(path), "--stop-on-exit"],
         folder / "serve.log",
@@ -201,7 +207,7 @@ def run(ctx: Ctx) -> list[Row]:
     )
     base: subprocess.Popen[bytes] | None = None
     try:
-        _wait(
+        wait_until(
             f"{url}/healthz",
             lambda r: r.status_code == 200 and r.json().get("status") == "ok",
             60,
@@ -218,13 +224,13 @@ def run(ctx: Ctx) -> list[Row]:
         body = httpx.get(f"{url}/gpu/status", timeout=10).content
         body_file = str(folder / "status.json")
         Path(body_file).write_bytes(body)
-        base = _start(
+        base = start_logged(
             ctx,
             [PY, "-m", "benchmarks.baseline_app", "--port", str(base_port), "--body", body_file],
             folder / "baseline.log",
         )
         base_url = f"http://127.0.0.1:{base_port}"
-        _wait(
+        wait_until(
             f"{base_url}/gpu/status",
             lambda r: r.status_code == 200,
             30,
@@ -273,6 +279,18 @@ def run(ctx: Ctx) -> list[Row]:
                 "baseline_one_client": theirs_1,
                 "measure_s": measure_s,
                 "body_bytes": len(body),
+            },
+        ),
+        Row(
+            figure="7. /gpu/status, lone reader (1 client, keep-alive), p50",
+            gpusm=f"p50 {ms(g1, 2)}",
+            baseline=f"bare FastAPI, same JSON bytes: p50 {ms(b1, 2)}",
+            ratio=g1 / b1,
+            goal=f"p50 ≤ {ms(GOAL_LONE_P50_S, 0)}",
+            met=g1 <= GOAL_LONE_P50_S,
+            details={
+                "gpusm_p50_s": [r["p50_s"] for r in ours_1],
+                "baseline_p50_s": [r["p50_s"] for r in theirs_1],
             },
         ),
         Row(

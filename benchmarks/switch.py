@@ -18,7 +18,9 @@ switch against the standalone switch right after it. Goal: median ≤ max(25 ms,
 the own load time), p95 ≤ twice that. Because a Python start-up varies by ±150 ms on a
 busy box, gpusm's share is also taken from the same processes: a pidfd sees the
 victim's exit and a 5 ms watcher the new service's first 200, and the switch's events
-say when SIGTERM was sent and the process launched (:mod:`benchmarks.standalone`).
+say when SIGTERM was sent and the process launched (:mod:`benchmarks.standalone`);
+its goal is the performance issue's: median ≤ max(20 ms, 2% of the configured load
+time), p95 ≤ twice that (20 ms and 40 ms at 0.5 s loads, 200 and 400 ms at 10 s).
 A thread reads both simulated GPUs every 20 ms, like a driver freeing memory on its own
 schedule (the sim frees a dead process's memory ``LAG_S`` after a read first sees it
 dead), for gpusm's runs and the standalone ones alike.
@@ -49,7 +51,7 @@ from gpusm.domain.events import RecordedEvent
 from gpusm.gpu.sim import SimGpu
 from gpusm.ports import EventQuery
 
-__all__ = ["goal_s", "run"]
+__all__ = ["goal_s", "run", "share_goal_s"]
 
 VRAM_MIB = 16384
 TOTAL_MIB = 24576
@@ -60,6 +62,16 @@ LAG_S = 0.05
 def goal_s(own_load_s: float) -> float:
     """The median overhead goal for a service whose own load takes ``own_load_s``."""
     return max(0.025, 0.02 * own_load_s)
+
+
+def share_goal_s(load_s: float) -> float:
+    """The median goal for gpusm's share, same processes, at a configured ``--load-s``.
+
+    The performance issue's bar: 20 ms at 0.5 s loads (p95 twice that), 2 % of the load
+    for long loads. Taken from the configured load time, not a measured one, so that the
+    bar does not move with the noise of a Python start-up.
+    """
+    return max(0.020, 0.02 * load_s)
 
 
 def _gpusm_config(folder: Path, load_s: float) -> Path:
@@ -187,6 +199,7 @@ def _measure(
     inrun_stop = [b["own_stop_inrun_s"] for b in breakdowns if "own_stop_inrun_s" in b]
     inrun_load = [b["own_load_inrun_s"] for b in breakdowns if "own_load_inrun_s" in b]
     share_med, share_p95 = median(shares), percentile(shares, 95)
+    share_goal = share_goal_s(load_s)
     details = {
         "reps": reps,
         "load_s": load_s,
@@ -224,8 +237,8 @@ def _measure(
                 f"{median(inrun_load):.3f} s, seen in the same switch"
             ),
             ratio=None,
-            goal=f"median ≤ {ms(goal, 0)}, p95 ≤ {ms(2 * goal, 0)}",
-            met=share_med <= goal and share_p95 <= 2 * goal,
+            goal=f"median ≤ {ms(share_goal, 0)}, p95 ≤ {ms(2 * share_goal, 0)}",
+            met=share_med <= share_goal and share_p95 <= 2 * share_goal,
             details={"gpusm_share_s": shares},
         ),
         Row(

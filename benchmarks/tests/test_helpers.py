@@ -9,11 +9,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from benchmarks.common import ProcessGuard, Row, percentile
+from benchmarks.busy_host import process_count
+from benchmarks.common import Ctx, ProcessGuard, Row, idle_processes, percentile, write_config
 from benchmarks.loggen import generate_log
 from benchmarks.pipeline import lower_bound
 from benchmarks.recovery import dict_fold
 from benchmarks.report import README_END, README_START, markdown_table, update_readme
+from benchmarks.seed import HOLDERS, seed_doc
+from benchmarks.switch import share_goal_s
+from gpusm import load_config
 from gpusm.domain.machine import ServiceMachine
 from gpusm.ports import EventQuery
 from gpusm.store.sql import SqlEventStore
@@ -96,3 +100,49 @@ def test_stop_ends_a_process_and_the_descendants_it_leaves_behind() -> None:
 
     eventually(grandchild_gone, 10, "the grandchild to end")
     guard.stop_all()
+
+
+def _descendants() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    }
+
+
+def test_idle_processes_are_there_inside_and_reaped_after_even_on_error() -> None:
+    guard = ProcessGuard()
+    before = _descendants()
+    with idle_processes(guard, 25) as spawner:
+        kids = psutil.Process(spawner).children()
+        assert len(kids) == 25
+        assert all(k.status() != psutil.STATUS_ZOMBIE for k in kids)
+    assert _descendants() == before
+    with pytest.raises(ValueError, match="boom"), idle_processes(guard, 10):
+        raise ValueError("boom")
+    assert _descendants() == before
+    # Left open, the guard's stop_all still ends the spawner and its children.
+    held = idle_processes(guard, 10)
+    held.__enter__()
+    guard.stop_all()
+    eventually(lambda: not (_descendants() - before), 10, "the idle processes to end")
+
+
+def test_busy_host_process_count_by_mode_or_option(tmp_path: Path) -> None:
+    quick = Ctx(quick=True, work=tmp_path, guard=ProcessGuard(), log=print)
+    full = Ctx(quick=False, work=tmp_path, guard=ProcessGuard(), log=print)
+    assert (process_count(quick), process_count(full)) == (500, 2000)
+    full.shared["busy_procs"] = 123
+    assert process_count(full) == 123
+
+
+def test_share_goal_is_the_issues_bar_at_half_second_loads() -> None:
+    assert share_goal_s(0.5) == pytest.approx(0.020)
+    assert share_goal_s(10.0) == pytest.approx(0.200)
+
+
+def test_seed_config_loads_with_pipeline_and_the_holders_phases(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, seed_doc(tmp_path, api_port=7999)))
+    assert sorted(config.services) == ["comfyui", "cosyvoice", "ollama", "vidi"]
+    assert list(config.pipeline) == ["crawl", "analysis", "tts", "video", "render"]
+    assert set(HOLDERS.values()) <= set(config.phases)
