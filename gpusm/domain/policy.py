@@ -16,9 +16,23 @@ request fits once the drain has finished and the coordinator plans again).
 
 Victims are chosen in this order and only as a prefix of it: idle services (running, not
 needed by the request nor leased by another client), then services leased by another
-client at a priority strictly below the request's; each group lowest priority first,
-then least recently used. Nothing is stopped unless stopping the allowed candidates
-makes the request fit.
+client at a priority strictly below the request's. Nothing is stopped unless stopping the
+allowed candidates makes the request fit. Within each group:
+
+- without pipeline information (the default): lowest priority first, then least
+  recently used;
+- with it (``plan_admission(..., pipeline=True)``), idle services by Belady's rule: the
+  farthest ``next_use`` first (never needed, None, before any number), then the lower
+  ``load_cost_s``, then lowest priority, then least recently used. Services leased at a
+  lower priority keep the order above (lowest priority, then least recently used).
+
+The name breaks any remaining tie, so the same inputs always give the same plan.
+
+A prefetch (``plan_admission(..., prefetch=PrefetchLimits(distance, saving_s))``) is
+planned with pipeline information, stops only idle services, and never one needed at or
+before the phase it prefetches (``next_use <= distance``) nor one that costs more to
+start again than the prefetch saves (``load_cost_s > saving_s``); if the rest does not
+make room it stops nothing and its reason names the protected services.
 """
 
 from __future__ import annotations
@@ -27,12 +41,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from gpusm.domain.pipeline import (
+    PrefetchLimits,
+    belady_key,
+    describe_next_use,
+    prefetch_protection,
+)
 from gpusm.domain.states import ACTIVE_STATES, RUNNING_STATES, State
 from gpusm.errors import InsufficientVram, UnknownName
 
 __all__ = [
     "GpuView",
     "Plan",
+    "PrefetchLimits",
     "ServiceView",
     "Victim",
     "admission_ceiling",
@@ -62,7 +83,11 @@ def _require_non_negative(owner: str, **values: float) -> None:
 class ServiceView:
     """What the policy knows about one service; ``last_used`` is a monotonic timestamp.
 
-    Mappings of views passed to this module are keyed by ``name``.
+    Mappings of views passed to this module are keyed by ``name``. The pipeline hints are
+    read only by ``plan_admission(..., pipeline=True)`` (or ``prefetch=``):
+    ``next_use`` is how many phases after the requester's phase the pipeline next needs
+    this service (1 = the very next phase; None = never, or unknown), and
+    ``load_cost_s`` what starting it again costs (typically its median time to healthy).
     """
 
     name: str
@@ -72,11 +97,19 @@ class ServiceView:
     priority: int
     last_used: float
     idle_ttl_s: float | None = None
+    next_use: int | None = None
+    load_cost_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require_non_negative(
             f"service {self.name!r}", vram_mib=self.vram_mib, learned_peak_mib=self.learned_peak_mib
         )
+        if self.next_use is not None and self.next_use < 0:
+            raise ValueError(f"service {self.name!r}.next_use must be >= 0, got {self.next_use}")
+        if not self.load_cost_s >= 0:  # also refuses NaN
+            raise ValueError(
+                f"service {self.name!r}.load_cost_s must be >= 0, got {self.load_cost_s}"
+            )
 
     @property
     def reservation(self) -> int:
@@ -120,7 +153,9 @@ class Plan:
     When ``fits`` is true, stopping ``victims`` in order and then starting ``to_start``
     keeps ``need_mib <= free_after_mib``. When it is false, ``victims`` is empty (nothing
     is stopped for nothing) and ``blocked_by`` names the running services the policy may
-    not stop because a client at an equal or higher priority uses them.
+    not stop because a client at an equal or higher priority uses them (for a prefetch:
+    any client). ``protected`` names the idle services that a prefetch's limits kept
+    from being victims when it had to make room.
     """
 
     fits: bool
@@ -133,6 +168,7 @@ class Plan:
     blocked_by: tuple[str, ...]
     reason: str
     foreign_mib: int = 0
+    protected: tuple[str, ...] = ()
 
     def insufficient(self) -> InsufficientVram:
         """The error to raise when a request that does not fit runs out of time."""
@@ -211,6 +247,14 @@ def _eviction_order(views: Iterable[ServiceView]) -> list[ServiceView]:
     return sorted(views, key=lambda v: (v.priority, v.last_used, v.name))
 
 
+def _pipeline_order(views: Iterable[ServiceView]) -> list[ServiceView]:
+    # Belady: never needed, then farthest next use; then cheaper to reload; then as above.
+    return sorted(
+        views,
+        key=lambda v: (*belady_key(v.next_use, v.load_cost_s), v.priority, v.last_used, v.name),
+    )
+
+
 def release_plan(
     needed: Sequence[str],
     services: Mapping[str, ServiceView],
@@ -257,6 +301,9 @@ def plan_admission(
     gpu: GpuView,
     request_priority: int,
     requester: str = "",
+    *,
+    pipeline: bool = False,
+    prefetch: PrefetchLimits | None = None,
 ) -> Plan:
     """Decide what to stop so that the needed services can start, or why they cannot.
 
@@ -266,12 +313,18 @@ def plan_admission(
     reasons. A needed service is never a victim; an unknown name raises UnknownName.
     A needed service that is STOPPED, DRAINING or FAILED is in ``to_start``; refusing a
     FAILED one (it needs a reset first) is the caller's decision, not the policy's.
+
+    ``pipeline=True`` says that the views' ``next_use`` and ``load_cost_s`` are filled
+    in: idle victims are then chosen by Belady's rule (see the module docstring).
+    ``prefetch`` plans a prefetch under those limits; it implies ``pipeline=True``, and
+    a prefetch never preempts, whatever ``request_priority`` says.
     """
     names = _known(needed, services)
     running = tuple(n for n in names if services[n].state in RUNNING_STATES)
     to_start = tuple(n for n in names if n not in running)
     need = sum(services[n].reservation for n in to_start)
     free_before = free_for_admission(services, gpu)
+    protected: dict[str, str] = {}  # idle service -> why a prefetch may not evict it
 
     def plan(
         fits: bool, free_after: int, victims: Sequence[Victim], blocked: Sequence[str], why: str
@@ -287,22 +340,41 @@ def plan_admission(
             blocked_by=tuple(blocked),
             reason=why,
             foreign_mib=gpu.foreign_mib,
+            protected=tuple(protected),
         )
 
     if need <= free_before:
         return plan(True, free_before, (), (), f"fits: need {need} MiB, {free_before} MiB free")
 
+    hinted = pipeline or prefetch is not None
     holders = _leased_by(leases)
     others = [v for v in services.values() if v.state in RUNNING_STATES and v.name not in names]
-    idle = _eviction_order(v for v in others if v.name not in holders)
+    idle = (_pipeline_order if hinted else _eviction_order)(
+        v for v in others if v.name not in holders
+    )
     leased = [v for v in others if v.name in holders]
-    preemptable = _eviction_order(v for v in leased if v.priority < request_priority)
-    blocked = sorted(v.name for v in leased if v.priority >= request_priority)
+    may_preempt = prefetch is None
+    preemptable = _eviction_order(
+        v for v in leased if may_preempt and v.priority < request_priority
+    )
+    blocked = sorted(v.name for v in leased if not may_preempt or v.priority >= request_priority)
+    if prefetch is not None:
+        for view in idle:
+            why_kept = prefetch_protection(view.next_use, view.load_cost_s, prefetch)
+            if why_kept is not None:
+                protected[view.name] = why_kept
+        idle = [v for v in idle if v.name not in protected]
     candidates = idle + preemptable
 
     best = free_after_stopping(services, gpu, (v.name for v in candidates))
     if need > best:
-        why = _cannot_fit(need, free_before, best, services, gpu, blocked, request_priority)
+        in_use = (
+            f" at priority >= {request_priority}" if may_preempt else "; a prefetch never preempts"
+        )
+        why = _cannot_fit(need, free_before, best, services, gpu, blocked, in_use)
+        if protected:
+            kept = ", ".join(f"{name} ({why_kept})" for name, why_kept in protected.items())
+            why += f"; a prefetch may not evict {kept}"
         return plan(False, free_before, (), blocked, why)
 
     beneficiary = ", ".join(to_start) + (f" ({requester})" if requester else "")
@@ -313,7 +385,7 @@ def plan_admission(
         # `best` above guarantees that one does.
         if need <= free_after:
             break
-        victims.append(_victim(view, holders, request_priority, beneficiary))
+        victims.append(_victim(view, holders, request_priority, beneficiary, hinted))
         free_after = free_after_stopping(services, gpu, (v.name for v in victims))
     stopped = ", ".join(v.name for v in victims)
     why = (
@@ -324,7 +396,11 @@ def plan_admission(
 
 
 def _victim(
-    view: ServiceView, holders: Mapping[str, list[str]], priority: int, beneficiary: str
+    view: ServiceView,
+    holders: Mapping[str, list[str]],
+    priority: int,
+    beneficiary: str,
+    hinted: bool,
 ) -> Victim:
     if view.name in holders:
         clients = ", ".join(holders[view.name])
@@ -335,11 +411,14 @@ def _victim(
             f"in use by {clients} at priority {view.priority} < {priority}, "
             f"preempted to make room for {beneficiary}",
         )
+    hints = (
+        f"{describe_next_use(view.next_use)}, load ~{view.load_cost_s:.1f} s, " if hinted else ""
+    )
     return Victim(
         view.name,
         "evict",
         view.reservation,
-        f"idle, priority {view.priority}, to make room for {beneficiary}",
+        f"idle, {hints}priority {view.priority}, to make room for {beneficiary}",
     )
 
 
@@ -350,7 +429,7 @@ def _cannot_fit(
     services: Mapping[str, ServiceView],
     gpu: GpuView,
     blocked: Sequence[str],
-    priority: int,
+    in_use: str,
 ) -> str:
     parts = [
         f"cannot fit: need {need} MiB, {free_before} MiB free for admission, "
@@ -369,7 +448,7 @@ def _cannot_fit(
         held = sum(services[n].reservation for n in draining)
         parts.append(f"{held} MiB still held by draining {', '.join(draining)}")
     if blocked:
-        parts.append(f"blocked by {', '.join(blocked)} (in use at priority >= {priority})")
+        parts.append(f"blocked by {', '.join(blocked)} (in use{in_use})")
     return "; ".join(parts)
 
 
