@@ -3,11 +3,17 @@
 ``load_config(path)`` returns a validated :class:`Config` whose relative paths are
 resolved against the file's folder, or raises :class:`~gpusm.errors.ConfigError` with
 one message naming the file, the key path and the fix.
+
+What cannot be told from the file alone is checked by :func:`check_folders` (can the
+state folder be created?), which ``gpusm config check`` runs, and by
+:func:`make_folder`, which creates a folder and turns the OS's refusal into a
+ConfigError; :func:`require_services` refuses a config that defines no services.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,9 +45,15 @@ __all__ = [
     "RestartConfig",
     "ServiceConfig",
     "SimGpuConfig",
+    "check_folders",
     "find_config_path",
+    "folder_problem",
     "load_config",
+    "make_folder",
     "parse_config",
+    "require_services",
+    "split_listen",
+    "sqlite_file",
     "to_yaml",
 ]
 
@@ -147,6 +159,8 @@ class ServiceConfig(_Strict):
     drain_timeout_s: NonNegFloat = 30.0
     idle_ttl_s: PosFloat | None = None
     restart: RestartConfig = RestartConfig()
+    # How long a start takes, until one is measured (the eviction order's load cost).
+    load_s: NonNegFloat | None = None
 
     def published_ports(self) -> set[int]:
         """Host ports the runtime binds for this service (beyond its health check's)."""
@@ -246,6 +260,8 @@ class ApiConfig(_Strict):
 
     listen: str = "127.0.0.1:7723"
     token_file: Path | None = None
+    # A worker over HTTP that is not heard from for this long loses its lease (null: never).
+    lease_ttl_s: PosFloat | None = 60.0
     cors_origins: list[str] = []
 
 
@@ -409,6 +425,7 @@ def parse_config(
         raise _config_error(exc, source) from None
     config = _resolve_paths(config, base or Path.cwd())
     _check_references(config, source)
+    _check_addresses(config, source)
     return config.model_copy(update={"source": Path(source) if source != "<config>" else None})
 
 
@@ -479,6 +496,136 @@ def _check_references(config: Config, source: str) -> None:
                 )
 
 
+def split_listen(value: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` as (host, port); None if it is not that.
+
+    The one syntax of a listen address: ``api.listen`` is checked with it, and
+    :func:`gpusm.wire.parse_listen` (``gpusm serve --listen``, the client) parses with it.
+    """
+    text = value.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") if rest.startswith(":") else ""
+    else:
+        host, _, port = text.rpartition(":")
+    if not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        return None
+    return host, int(port)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL; None if ``url`` names no SQLite file."""
+    found = re.fullmatch(r"sqlite(?:\+\w+)?://[^/?]*/([^?]*)(?:\?.*)?", url, flags=re.DOTALL)
+    if found is None or found.group(1) in ("", ":memory:"):
+        return None
+    return Path(found.group(1))
+
+
+def _check_addresses(config: Config, source: str) -> None:
+    """What ``gpusm serve`` and the event store would refuse later, refused now."""
+    if split_listen(config.api.listen) is None:
+        raise ConfigError(
+            source,
+            "api.listen",
+            f"{config.api.listen!r} is not HOST:PORT",
+            "write e.g. 127.0.0.1:7723 or [::1]:7723",
+        )
+    if config.database is not None and sqlite_file(config.database) is None:
+        raise ConfigError(
+            source,
+            "database",
+            f"{config.database!r} is not the URL of a SQLite file",
+            "write sqlite:///PATH/gpusm.db, or leave database out for <state_dir>/gpusm.db",
+        )
+
+
+def require_services(config: Config) -> Config:
+    """``config`` if it defines at least one service; else a ConfigError saying how to add one."""
+    if not config.services:
+        raise _no_services(str(config.source or "<config>"))
+    return config
+
+
+def _no_services(source: str) -> ConfigError:
+    return ConfigError(
+        source, "", "the file defines no services", "add services: (see examples/sim-demo.yaml)"
+    )
+
+
+# ---------------------------------------------------------------- folders gpusm writes
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why gpusm could not create and write the folder ``path``; None if it could.
+
+    Only reads: ``path`` must be a writable folder, or the nearest folder above it that
+    exists must be one (so that ``path`` can be created inside it).
+    """
+    if "\x00" in str(path):
+        return "a path cannot contain a NUL character"
+    probe = Path(os.path.abspath(path))
+    try:
+        while not probe.exists():
+            if probe.parent == probe:  # pragma: no cover - the root always exists
+                return "no folder above it exists"
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{probe} is a file, not a folder"
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return f"{probe} is not writable"
+    except OSError as exc:
+        return f"{exc.strerror or exc}"
+    return None
+
+
+def make_folder(
+    path: Path, key: str = "state_dir", source: str | os.PathLike[str] | None = None
+) -> Path:
+    """Create the folder ``path`` (and its parents) unless it exists; returns it.
+
+    An OS refusal (a file in the way, no permission, a read-only disk…) becomes a
+    ConfigError naming ``key`` (and the config file ``source`` when known) and the fix.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as exc:
+        why = folder_problem(path) or str(getattr(exc, "strerror", None) or exc)
+        raise _folder_error(path, key, source, why) from None
+    return path
+
+
+def _folder_error(
+    path: Path, key: str, source: str | os.PathLike[str] | None, why: str
+) -> ConfigError:
+    file, where = (str(source), key) if source is not None else (key, "")
+    return ConfigError(
+        file,
+        where,
+        f"cannot create or write the folder {path} ({why})",
+        f"set {key} to a folder that gpusm may create and write",
+    )
+
+
+def check_folders(config: Config) -> None:
+    """ConfigError for the first folder of ``config`` that gpusm could not create or write.
+
+    The folders: ``state_dir``, the database's folder, ``gpu.sim.dir`` (simulated GPU
+    only) and the API token's folder. Nothing is created.
+    """
+    folders: list[tuple[str, Path]] = [("state_dir", config.state_dir)]
+    database = sqlite_file(config.database) if config.database else None
+    if database is not None:
+        folders.append(("database", database.parent))
+    if config.gpu.backend == "sim":
+        folders.append(("gpu.sim.dir", config.sim_dir))
+    if config.api.token_file is not None:
+        folders.append(("api.token_file", config.api.token_file.parent))
+    for key, folder in folders:
+        why = folder_problem(folder)
+        if why is not None:
+            raise _folder_error(folder, key, config.source, why)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a YAML config file."""
     file = Path(path)
@@ -495,6 +642,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             str(file), "", f"cannot read the file ({exc.strerror})", "check its permissions"
         ) from None
+    except ValueError as exc:  # a NUL in the path, or bytes that are not UTF-8
+        raise ConfigError(
+            str(file), "", f"cannot read the file ({exc})", "give the path of a UTF-8 YAML file"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -504,8 +655,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             str(file), "", f"YAML syntax error at {where}: {problem}", "fix the YAML syntax there"
         ) from None
-    if raw is None:
-        raw = {}
+    if raw is None or raw == {}:
+        # An empty file is a mistake (a wrong path, an unsaved editor), not "no services".
+        raise _no_services(str(file))
     return parse_config(raw, source=str(file), base=file.resolve().parent)
 
 

@@ -6,7 +6,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from gpusm.errors import CoordinatorBusy
+from gpusm.config import make_folder
+from gpusm.errors import ConfigError, CoordinatorBusy
 
 __all__ = ["StateDirLock"]
 
@@ -23,9 +24,21 @@ class StateDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise CoordinatorBusy naming the holder's pid."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock or raise CoordinatorBusy naming the holder's pid.
+
+        A state directory that cannot be created or written is a ConfigError naming
+        ``state_dir`` and the fix, never a bare OS error.
+        """
+        make_folder(self.path.parent, "state_dir")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(
+                "state_dir",
+                "",
+                f"cannot create or write {self.path} ({exc.strerror or exc})",
+                "set state_dir to a folder that gpusm may create and write",
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -94,6 +94,20 @@ def _install_handlers(app: FastAPI, state: ApiState) -> None:
 
     async def invalid(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        unparsable = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if unparsable is not None:
+            # Not JSON at all: 400, like any other body that cannot be parsed (a body that
+            # parses but does not match the schema is a 422 below).
+            loc = tuple(unparsable.get("loc", ()))
+            at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+            why = str((unparsable.get("ctx") or {}).get("error", "")) or "JSON decode error"
+            body = {
+                "type": "about:blank",
+                "title": HTTPStatus.BAD_REQUEST.phrase,
+                "status": HTTPStatus.BAD_REQUEST.value,
+                "detail": f"the request body is not valid JSON ({why}{at})",
+            }
+            return _problem(HTTPStatus.BAD_REQUEST.value, body)
         errors = [
             {
                 "loc": [str(p) for p in e.get("loc", ())],

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from gpusm.cli.common import ConfigOption, console, load
-from gpusm.config import Config
+from gpusm.cli.common import ConfigOption, friendly_errors, load, say
+from gpusm.config import Config, check_folders
 
 __all__ = ["register"]
 
@@ -25,18 +25,24 @@ def check(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Validate a config file; exit 2 with the key and the fix if it is wrong."""
+    """Validate a config file; exit 2 with the key and the fix if it is wrong.
+
+    Refused here is everything that a later command would refuse because of the file:
+    its keys and values, and folders (state_dir, …) that could not be created.
+    """
     cfg = load(file or config)
+    with friendly_errors():
+        check_folders(cfg)
     services = ", ".join(
         f"{name} ({svc.runtime}, {svc.vram_mib} MiB, priority {svc.priority})"
         for name, svc in cfg.services.items()
     )
-    console.print(f"OK: {cfg.source}")
-    console.print(f"  gpu: {cfg.gpu.backend}, reserve {cfg.gpu.reserve_mib} MiB")
-    console.print(f"  services: {services or 'none'}")
-    console.print(f"  phases: {', '.join(cfg.phases) or 'none'}")
+    say(f"OK: {cfg.source}")
+    say(f"  gpu: {cfg.gpu.backend}, reserve {cfg.gpu.reserve_mib} MiB")
+    say(f"  services: {services or 'none'}")
+    say(f"  phases: {', '.join(cfg.phases) or 'none'}")
     if cfg.pipeline:
-        console.print(f"  pipeline: {' -> '.join(cfg.pipeline)}")
+        say(f"  pipeline: {' -> '.join(cfg.pipeline)}")
 
 
 @config_app.command("schema")

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from gpusm.cli.common import EXIT_ERROR, console, friendly_errors, is_tty
+from gpusm.cli.common import EXIT_ERROR, console, friendly_errors, is_tty, plain, say
 from gpusm.engine.coordinator import Coordinator
 from gpusm.results import PhaseResult
 
@@ -21,12 +22,13 @@ def _view(item: int, items: int, phase: str, coordinator: Coordinator) -> Table:
     device = status.devices[0]
     width = 40
     filled = round(width * device.used_mib / device.total_mib) if device.total_mib else 0
-    table = Table(
-        title=f"item {item}/{items}  phase [bold]{phase}[/]  "
-        f"VRAM [{'#' * filled}{'.' * (width - filled)}] "
-        f"{device.used_mib}/{device.total_mib} MiB",
-        title_justify="left",
+    # Text, not markup: the VRAM bar's "[###" would otherwise be read as a style tag.
+    title = Text.assemble(
+        f"item {item}/{items}  phase ",
+        plain(phase, style="bold"),
+        f"  VRAM [{'#' * filled}{'.' * (width - filled)}] {device.used_mib}/{device.total_mib} MiB",
     )
+    table = Table(title=title, title_justify="left")
     for column in ("service", "state", "VRAM MiB", "priority", "pid"):
         table.add_column(column)
     for svc in status.services:
@@ -34,8 +36,8 @@ def _view(item: int, items: int, phase: str, coordinator: Coordinator) -> Table:
             svc.state, "dim"
         )
         table.add_row(
-            svc.name,
-            f"[{colour}]{svc.state}[/]",
+            plain(svc.name),
+            plain(svc.state, style=colour),
             str(svc.used_mib),
             str(svc.priority),
             str(svc.pid or ""),
@@ -53,7 +55,7 @@ def demo(
     """Run crawl → analysis → tts → video → render on a simulated 24 GiB GPU."""
     from gpusm.demo import run_demo
 
-    console.print(
+    say(
         f"gpusm demo: {items} item(s) through the plan's pipeline on a simulated 24 GiB GPU "
         f"(config and database in {folder}/)"
     )
@@ -65,7 +67,7 @@ def demo(
             return
         started = " ".join(f"+{name}" for name in result.started)
         stopped = " ".join(f"-{s.service}({s.kind})" for s in result.stopped)
-        console.print(
+        say(
             f"item {item} {phase:<8} {result.waited_s:5.2f}s  free {result.free_after_mib:>5} MiB"
             f"  {started} {stopped}".rstrip()
         )
@@ -83,18 +85,20 @@ def demo(
     table.add_column("total s", justify="right")
     table.add_column("mean s", justify="right")
     for phase, times in summary.phase_seconds.items():
-        table.add_row(phase, str(len(times)), f"{sum(times):.2f}", f"{sum(times) / len(times):.2f}")
+        table.add_row(
+            plain(phase), str(len(times)), f"{sum(times):.2f}", f"{sum(times) / len(times):.2f}"
+        )
     console.print(table)
     peak = summary.peak_used_mib
-    console.print(
+    say(
         f"starts {summary.starts}, evictions {summary.evictions}, preemptions "
         f"{summary.preemptions}, release stops {summary.releases}; "
         f"peak VRAM {peak} / {summary.total_mib} MiB ({100 * peak / summary.total_mib:.0f}%); "
         f"slowest reclaim {summary.max_reclaim_s:.3f}s; OOMs: {summary.ooms}; "
         f"wall {summary.wall_s:.1f}s"
     )
-    console.print(f"audit it: gpusm events -c {summary.config}")
-    console.print(f"          gpusm history comfyui -c {summary.config}")
+    say(f"audit it: gpusm events -c {summary.config}")
+    say(f"          gpusm history comfyui -c {summary.config}")
     if summary.ooms:
         raise typer.Exit(EXIT_ERROR)
 

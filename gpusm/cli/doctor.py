@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gpusm.api.server import bind
 from gpusm.client import daemon_url, find_daemon
-from gpusm.config import Config, find_config_path, load_config
+from gpusm.config import Config, check_folders, find_config_path, load_config, require_services
 from gpusm.errors import ConfigError, GpusmError
 from gpusm.wire import TOKEN_ENV, parse_listen, read_token
 from gpusm.wiring import build_probe, build_runtimes, store_revision
@@ -118,9 +118,11 @@ def run_checks(config: Path | None) -> list[Check]:
     """Every doctor check, in order; a bad config stops the rest."""
     path = find_config_path(config)
     try:
-        cfg = load_config(path)
+        cfg = require_services(load_config(path))
+        check_folders(cfg)
     except ConfigError as exc:
-        return [Check("config", False, str(exc), exc.fix)]
+        where = f"{exc.file}: {exc.key}" if exc.key else exc.file
+        return [Check("config", False, f"{where}: {exc.problem}", exc.fix)]
     counts = f"{len(cfg.services)} services, {len(cfg.phases)} phases"
     checks = [Check("config", True, f"{path} is valid ({counts})")]
     health = find_daemon(daemon_url(cfg.api.listen))

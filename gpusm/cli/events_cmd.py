@@ -1,4 +1,4 @@
-"""``gpusm events``, ``gpusm history`` and ``gpusm db upgrade``: reading and keeping the log.
+"""``gpusm events``, ``gpusm history``, ``gpusm db upgrade|current``: reading and keeping the log.
 
 Each opens the event store named by the config (``database``, default
 ``<state_dir>/gpusm.db``), creating and migrating it if needed, and closes it again.
@@ -8,6 +8,7 @@ Each opens the event store named by the config (``database``, default
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -15,15 +16,23 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
-from gpusm.cli.common import EXIT_CONFIG, ConfigOption, console, fail, friendly_errors, load
-from gpusm.config import Config
+from gpusm.cli.common import (
+    EXIT_CONFIG,
+    ConfigOption,
+    console,
+    fail,
+    friendly_errors,
+    load,
+    plain,
+    say,
+)
+from gpusm.config import Config, find_config_path, make_folder, sqlite_file
 from gpusm.domain.events import RecordedEvent
 from gpusm.engine import audit
-from gpusm.errors import UnknownName
+from gpusm.errors import StoreError, UnknownName
 from gpusm.ports import EventStore
-from gpusm.wiring import open_store, upgrade_store
+from gpusm.wiring import open_store, store_revision, upgrade_store
 
 __all__ = ["register"]
 
@@ -32,6 +41,11 @@ db_app = typer.Typer(help="Look after the event database.", no_args_is_help=True
 
 @contextmanager
 def _store(cfg: Config) -> Iterator[EventStore]:
+    # The database's folder is made here, so that an unusable one is a config error (exit 2).
+    database = sqlite_file(cfg.database_url)
+    if database is not None:
+        key = "database" if cfg.database else "state_dir"
+        make_folder(database.parent, key, cfg.source)
     store = open_store(cfg)
     try:
         yield store
@@ -40,18 +54,26 @@ def _store(cfg: Config) -> Iterator[EventStore]:
 
 
 def _parse_time(value: str | None, option: str) -> datetime | None:
+    """``value`` as an aware UTC time; exit 2 if it is not an ISO-8601 time in range."""
     if value is None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
+        # A time without a zone is taken as UTC, like every time gpusm records. Near the
+        # ends of the calendar a zone can push the time out of range (OverflowError).
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except ValueError:
         fail(
             f"{option}: {value!r} is not an ISO-8601 time; write e.g. 2026-01-31T12:00:00Z "
             "or 2026-01-31 (times without a zone are UTC)",
             EXIT_CONFIG,
         )
-    # A time without a zone is taken as UTC, like every time gpusm records.
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    except OverflowError:
+        fail(
+            f"{option}: {value!r} is outside the years 1 to 9999 once converted to UTC; "
+            "give a time in range",
+            EXIT_CONFIG,
+        )
 
 
 def _when(at: datetime) -> str:
@@ -118,7 +140,7 @@ def events(
             _json_line(_event_dict(event))
         return
     if not found:
-        console.print("no events")
+        say("no events")
         return
     table = Table(box=None)
     # The identifying columns never wrap; the data column folds to whatever room is left.
@@ -133,15 +155,15 @@ def events(
             if event.from_state not in (None, event.to_state):
                 move = f"{event.from_state} -> {event.to_state}"
         data = _brief(event.data)
-        # Text(): logged strings are data, never Rich markup.
+        # plain(): logged strings are data, never Rich markup.
         table.add_row(
             str(event.seq),
             _when(event.at),
-            Text(event.stream),
+            plain(event.stream),
             str(event.version),
-            Text(event.type),
-            Text(move),
-            Text(data),
+            plain(event.type),
+            plain(move),
+            plain(data),
         )
     console.print(table)
 
@@ -167,13 +189,13 @@ def history(
             _json_line(item.as_dict())
         return
     if not intervals:
-        console.print(f"no events for service {service!r} yet", markup=False)
+        say(f"no events for service {service!r} yet")
         return
     if stops:
         for stop in explained:
-            console.print(f"#{stop.seq} {stop.summary()}", markup=False, soft_wrap=True)
+            say(f"#{stop.seq} {stop.summary()}")
         if not explained:
-            console.print(f"service {service!r} has not stopped yet", markup=False)
+            say(f"service {service!r} has not stopped yet")
         return
     table = Table(box=None)
     for name in ("since (UTC)", "state", "for", "entered by"):
@@ -182,10 +204,10 @@ def history(
     for interval in intervals:
         table.add_row(
             _when(interval.entered_at),
-            interval.state,
+            plain(interval.state),
             _duration(interval.duration_s),
-            Text(f"{interval.entered_by} #{interval.seq}"),
-            Text(interval.reason or ""),
+            plain(f"{interval.entered_by} #{interval.seq}"),
+            plain(interval.reason or ""),
         )
     console.print(table)
 
@@ -199,6 +221,39 @@ def db_upgrade(config: ConfigOption = None) -> None:
     console.print(
         f"event database {cfg.database_url}: schema revision {revision} (newest)", markup=False
     )
+
+
+# How the store says that a database is not at this gpusm's revision (see store/sql.py).
+_OUT_OF_DATE = re.compile(r"has schema revision (?P<found>\S+), this gpusm needs (?P<newest>\S+);")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOption = None) -> None:
+    """Show the event database's schema revision and whether it is the newest (exit 0)."""
+    cfg = load(config)
+    url = cfg.database_url
+    upgrade_hint = f"gpusm db upgrade -c {find_config_path(config).resolve()}"
+    path = sqlite_file(url)
+    # Checked first: opening a missing SQLite file would create an empty one.
+    if path is not None and not path.exists():
+        say(
+            f"event database {path} does not exist yet; create it with `{upgrade_hint}` "
+            "(or start `gpusm serve`, which creates it)"
+        )
+        return
+    with friendly_errors():
+        try:
+            revision = store_revision(cfg)
+        except StoreError as exc:
+            old = _OUT_OF_DATE.search(str(exc))
+            if old is None:
+                raise  # a real failure: one line, exit 1
+            say(
+                f"event database {url}: schema revision {old['found']}, not the newest "
+                f"({old['newest']}); migrate it with `{upgrade_hint}`"
+            )
+            return
+    say(f"event database {url}: schema revision {revision} (newest)")
 
 
 def register(app: typer.Typer) -> None:

@@ -33,12 +33,14 @@ from gpusm.cli.common import (
     EXIT_CONFIG,
     EXIT_ERROR,
     ConfigOption,
+    check_client,
     console,
-    err_console,
     fail,
     friendly_errors,
     is_tty,
     load,
+    plain,
+    say,
 )
 from gpusm.client import Client, daemon_url, find_daemon
 from gpusm.config import Config
@@ -92,28 +94,28 @@ def connect(cfg: Config, *, starts_services: bool = False) -> Iterator[Verbs]:
 
     url = daemon_url(cfg.api.listen)
     if find_daemon(url) is not None:
-        err_console.print(f"via daemon at {url}", markup=False)
+        say(f"via daemon at {url}", err=True)
         # A recovering daemon answers 503 for a while: wait for it rather than fail.
         with Client(url, token_file=cfg.token_path, max_wait_s=300.0, retries=300) as client:
             yield client
         return
-    err_console.print(f"no daemon at {url}; running in-process", markup=False)
+    say(f"no daemon at {url}; running in-process", err=True)
     coordinator = Coordinator.from_config(cfg)
     try:
         yield coordinator
     finally:
         coordinator.close()
     if starts_services:
-        err_console.print(
+        say(
             "services keep running after this command; `gpusm serve` or the next command "
             "adopts them (`gpusm release --all` stops them)",
-            markup=False,
+            err=True,
         )
 
 
 # ---------------------------------------------------------------- rendering
 def _state(state: str) -> Text:
-    return Text(state, style=_STATE_STYLE.get(state, ""))
+    return plain(state, style=_STATE_STYLE.get(state, ""))
 
 
 def status_view(status: Status) -> Group:
@@ -123,11 +125,11 @@ def status_view(status: Status) -> Group:
         devices.add_column(column, no_wrap=True)
     for d in status.devices:
         if d.error:
-            devices.add_row(str(d.index), Text(f"unreadable: {d.error}", style="red"))
+            devices.add_row(str(d.index), plain(f"unreadable: {d.error}", style="red"))
             continue
         devices.add_row(
             str(d.index),
-            Text(d.name),
+            plain(d.name),
             *(
                 f"{v} MiB"
                 for v in (
@@ -146,19 +148,19 @@ def status_view(status: Status) -> Group:
     for s in status.services:
         ident = str(s.pid) if s.pid else (s.container_id or "")[:12]
         services.add_row(
-            Text(s.name),
+            plain(s.name),
             _state(s.state),
             f"{s.in_state_s:.1f}s",
             ident or "-",
             f"{s.used_mib} MiB",
             f"{s.reservation_mib} MiB",
             str(s.priority),
-            Text(", ".join(s.leased_by) or "-"),
-            Text(s.last_error or ""),
+            plain(", ".join(s.leased_by) or "-"),
+            plain(s.last_error or ""),
         )
     leases = ", ".join(f"{c} -> {p}" for c, p in sorted(status.leases.items())) or "none"
     recovery = "" if status.recovered else " (recovery has not finished)"
-    return Group(devices, Text(""), services, Text(f"leases: {leases}{recovery}"))
+    return Group(devices, Text(""), services, plain(f"leases: {leases}{recovery}"))
 
 
 def progress_view(
@@ -172,7 +174,7 @@ def progress_view(
     for s in status.services:
         if s.name in names:
             table.add_row(
-                Text(s.name), _state(s.state), f"{s.in_state_s:.1f}s", f"{elapsed:.1f}s", deadline
+                plain(s.name), _state(s.state), f"{s.in_state_s:.1f}s", f"{elapsed:.1f}s", deadline
             )
     return table
 
@@ -213,8 +215,14 @@ def _print_json(obj: object) -> None:
 
 # ---------------------------------------------------------------- commands
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# The bounds are the API's (gpusm.api.schemas): the same input is refused in-process too.
 TimeoutOption = Annotated[
-    float | None, typer.Option(min=0.001, help="Seconds to wait at most (default: the daemon's).")
+    float | None,
+    typer.Option(min=0.001, max=86400, help="Seconds to wait at most (default: the daemon's)."),
+]
+PriorityOption = Annotated[
+    int | None,
+    typer.Option(min=-(10**9), max=10**9, help="Override the request priority."),
 ]
 
 
@@ -247,11 +255,12 @@ def phase(
     name: Annotated[str, typer.Argument(help="The phase to enter.")],
     client: Annotated[str, typer.Option(help="Whose phase this is.")] = "default",
     timeout: TimeoutOption = None,
-    priority: Annotated[int | None, typer.Option(help="Override the request priority.")] = None,
+    priority: PriorityOption = None,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Enter a phase: return once exactly its services are healthy."""
+    check_client(client)
     cfg = load(config)
     with friendly_errors():
         names = list(cfg.phase(name).services)
@@ -262,19 +271,16 @@ def phase(
     if as_json:
         _print_json(result.as_dict())
         return
-    console.print(
-        f"phase {result.phase} ready for client {result.client} in {result.waited_s:.2f}s",
-        markup=False,
-    )
+    say(f"phase {result.phase} ready for client {result.client} in {result.waited_s:.2f}s")
     for label, items in (
         ("started", result.started),
         ("kept", result.kept),
         ("prefetching", result.prefetching),
     ):
         if items:
-            console.print(f"  {label}: {', '.join(items)}", markup=False)
+            say(f"  {label}: {', '.join(items)}")
     for note in result.stopped:
-        console.print(f"  stopped {note.service} ({note.kind}): {note.reason}", markup=False)
+        say(f"  stopped {note.service} ({note.kind}): {note.reason}")
 
 
 def start(
@@ -288,7 +294,7 @@ def start(
         cfg.service(name)
         with connect(cfg, starts_services=True) as verbs:
             _with_progress(verbs, lambda: verbs.start_service(name, _BY, timeout), [name], timeout)
-    console.print(f"service {name} is healthy", markup=False)
+    say(f"service {name} is healthy")
 
 
 def stop(
@@ -301,7 +307,7 @@ def stop(
         cfg.service(name)
         with connect(cfg) as verbs:
             verbs.stop_service(name, _BY)
-    console.print(f"service {name} is stopped", markup=False)
+    say(f"service {name} is stopped")
 
 
 def reset(
@@ -314,7 +320,7 @@ def reset(
         cfg.service(name)
         with connect(cfg) as verbs:
             verbs.reset_service(name, _BY)
-    console.print(f"service {name} may start again", markup=False)
+    say(f"service {name} may start again")
 
 
 def release(
@@ -327,26 +333,28 @@ def release(
     """Drop a client's lease (services stay warm), or with --all stop everything."""
     if all_ and client is not None:
         fail("give --client C or --all, not both", EXIT_CONFIG)
+    who = check_client("default" if client is None else client)
     cfg = load(config)
     with friendly_errors(), connect(cfg) as verbs:
         if all_:
             notes = verbs.release_all(_BY)
-            console.print(f"released every lease; stopped {len(notes)} service(s)", markup=False)
+            say(f"released every lease; stopped {len(notes)} service(s)")
             for note in notes:
-                console.print(f"  stopped {note.service}", markup=False)
+                say(f"  stopped {note.service}")
             return
-        verbs.release(client or "default")
-    console.print(f"released the lease of client {client or 'default'}", markup=False)
+        verbs.release(who)
+    say(f"released the lease of client {who}")
 
 
 def plan(
     name: Annotated[str, typer.Argument(help="The phase to plan.")],
     client: Annotated[str, typer.Option(help="Whose phase this would be.")] = "default",
-    priority: Annotated[int | None, typer.Option(help="Override the request priority.")] = None,
+    priority: PriorityOption = None,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Dry run: what entering a phase would stop and start, or why it cannot fit."""
+    check_client(client)
     cfg = load(config)
     with friendly_errors():
         cfg.phase(name)
@@ -356,10 +364,9 @@ def plan(
         _print_json(asdict(found))
         return
     verdict = "fits" if found.fits else "does NOT fit"
-    console.print(
+    say(
         f"phase {name} {verdict}: need {found.need_mib} MiB, {found.free_before_mib} MiB free "
-        f"now, {found.free_after_mib} MiB after the stops",
-        markup=False,
+        f"now, {found.free_after_mib} MiB after the stops"
     )
     for label, items in (
         ("would start", found.to_start),
@@ -367,13 +374,10 @@ def plan(
         ("blocked by", found.blocked_by),
     ):
         if items:
-            console.print(f"  {label}: {', '.join(items)}", markup=False)
+            say(f"  {label}: {', '.join(items)}")
     for victim in found.victims:
-        console.print(
-            f"  would {victim.kind} {victim.name} ({victim.frees_mib} MiB): {victim.reason}",
-            markup=False,
-        )
-    console.print(f"  {found.reason}", markup=False, soft_wrap=True)
+        say(f"  would {victim.kind} {victim.name} ({victim.frees_mib} MiB): {victim.reason}")
+    say(f"  {found.reason}")
 
 
 def doctor(config: ConfigOption = None) -> None:
@@ -383,9 +387,9 @@ def doctor(config: ConfigOption = None) -> None:
     results = run_checks(config)
     for check in results:
         mark = Text("✓ ", style="green") if check.ok else Text("✗ ", style="bold red")
-        line = Text.assemble(mark, Text(f"{check.what}: {check.detail}"))
+        line = Text.assemble(mark, plain(f"{check.what}: {check.detail}"))
         if not check.ok and check.fix:
-            line.append(f" — fix: {check.fix}", style="yellow")
+            line.append_text(plain(f" — fix: {check.fix}", style="yellow"))
         console.print(line, soft_wrap=True)
     if not all(check.ok for check in results):
         raise typer.Exit(EXIT_ERROR)

@@ -13,7 +13,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from gpusm.cli.common import EXIT_CONFIG, ConfigOption, console, fail, friendly_errors, load
+from gpusm.cli.common import (
+    EXIT_CONFIG,
+    ConfigOption,
+    console,
+    fail,
+    friendly_errors,
+    load,
+    plain,
+    say,
+)
 from gpusm.errors import GpuProbeError, SimOutOfMemory
 from gpusm.wiring import EXIT_OOM, FakeServerOptions, SimGpu, open_sim_dir, run_fake_server
 
@@ -62,7 +71,7 @@ def resolve_sim_dir(sim_dir: Path | None, config: Path | None) -> tuple[Path, di
             "or give a config with -c FILE",
             EXIT_CONFIG,
         )
-    cfg = load(config)
+    cfg = load(config, need_services=False)  # only the simulated GPU's settings are read
     sim = cfg.gpu.sim
     return cfg.sim_dir, {"total_mib": sim.total_mib, "reclaim_lag_s": sim.reclaim_lag_s}
 
@@ -83,6 +92,12 @@ def _open(
         return open_sim_dir(directory, total, lag, apply=apply)
     except GpuProbeError as exc:
         fail(str(exc), EXIT_CONFIG)
+    except (OSError, ValueError) as exc:  # a path the OS refuses (too long, NUL, a file…)
+        why = getattr(exc, "strerror", None) or exc
+        fail(
+            f"cannot use {directory} as the simulated GPU's folder ({why}); give another --sim-dir",
+            EXIT_CONFIG,
+        )
 
 
 @sim_app.command("create")
@@ -103,10 +118,9 @@ def create(
     """Create the simulated GPU, or change the size and lag of an existing one."""
     with friendly_errors():
         sim = _open(sim_dir, config, total_mib, reclaim_lag_s, apply=True)
-        console.print(
+        say(
             f"simulated GPU at {sim.directory}: {sim.total_mib} MiB, "
-            f"reclaim lag {sim.reclaim_lag_s}s, uuid {sim.uuid}",
-            soft_wrap=True,
+            f"reclaim lag {sim.reclaim_lag_s}s, uuid {sim.uuid}"
         )
 
 
@@ -146,11 +160,10 @@ def status(
     if as_json:
         typer.echo(json.dumps(doc))
         return
-    console.print(
-        f"simulated GPU {snap.uuid} at {sim.directory}\n"
+    say(f"simulated GPU {snap.uuid} at {sim.directory}")
+    say(
         f"  total {snap.total_mib} MiB, used {snap.used_mib} MiB, free {snap.free_mib} MiB "
-        f"(reclaim lag {sim.reclaim_lag_s}s)",
-        soft_wrap=True,
+        f"(reclaim lag {sim.reclaim_lag_s}s)"
     )
     if allocations:
         table = Table("pid", "MiB")
@@ -158,14 +171,13 @@ def status(
         table.add_column("command", overflow="fold")
         for a in allocations:
             state = "alive" if a.alive else "exited, not yet reclaimed"
-            table.add_row(str(a.pid), str(a.mib), state, " ".join(a.cmdline))
+            table.add_row(str(a.pid), str(a.mib), state, plain(" ".join(a.cmdline)))
         console.print(table)
-    console.print(f"  OOMs: {len(ooms)}")
+    say(f"  OOMs: {len(ooms)}")
     for oom in ooms[-10:]:
-        console.print(
+        say(
             f"    {oom['at']} pid {oom['pid']} asked {oom['requested_mib']} MiB, "
-            f"{oom['free_mib']} MiB free: {' '.join(oom['cmdline'])}",
-            soft_wrap=True,
+            f"{oom['free_mib']} MiB free: {' '.join(oom['cmdline'])}"
         )
 
 
@@ -191,10 +203,7 @@ def hog(
             sim.allocate(mib)
         except SimOutOfMemory as exc:
             fail(str(exc), EXIT_OOM)
-    console.print(
-        f"pid {os.getpid()} holds {mib} MiB of {sim.directory}; SIGTERM or Ctrl-C ends",
-        soft_wrap=True,
-    )
+    say(f"pid {os.getpid()} holds {mib} MiB of {sim.directory}; SIGTERM or Ctrl-C ends")
     while not stop:
         time.sleep(0.05)
 
@@ -259,7 +268,7 @@ def reset(
     with friendly_errors():
         sim = _open(sim_dir, config)
         allocations, ooms = sim.reset(force=force)
-    console.print(f"dropped {allocations} allocation(s) and {ooms} OOM record(s)")
+    say(f"dropped {allocations} allocation(s) and {ooms} OOM record(s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -156,11 +156,25 @@ def test_bad_bodies_are_422_problems_that_name_the_field(http: httpx.Client) -> 
         assert problem["detail"]
 
 
-def test_malformed_json_is_422(http: httpx.Client) -> None:
+def test_a_body_that_is_not_json_is_a_400_problem(http: httpx.Client) -> None:
+    for content in (b"{not json", b'{"phase": "tts",}', b"\xff\xfe", b"[1, 2"):
+        response = http.post(
+            "/gpu/phase", content=content, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 400, (content, response.text)
+        assert response.headers["content-type"] == PROBLEM
+        problem = response.json()
+        assert (problem["status"], problem["title"]) == (400, "Bad Request")
+        assert problem["detail"]
+    # JSON that parses but does not fit the schema stays a 422.
+    response = http.post(
+        "/gpu/phase", content=b'{"phase": 7}', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
     response = http.post(
         "/gpu/phase", content=b"{not json", headers={"Content-Type": "application/json"}
     )
-    assert response.status_code == 422
+    assert response.json()["detail"].startswith("the request body is not valid JSON (")
 
 
 def test_request_that_cannot_fit_is_409_with_need_free_foreign_and_blocked_by(

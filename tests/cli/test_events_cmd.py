@@ -182,12 +182,24 @@ def test_events_with_a_broken_config_exits_2(app: typer.Typer, tmp_path: Path) -
     assert "gpu.backend" in err
 
 
-def test_an_unusable_database_exits_1_with_the_reason(app: typer.Typer, tmp_path: Path) -> None:
+def test_a_database_url_gpusm_cannot_use_is_a_config_error(
+    app: typer.Typer, tmp_path: Path
+) -> None:
     cfg = tmp_path / "gpusm.yaml"
     cfg.write_text("database: postgresql://db/gpusm\ngpu: {backend: sim}\n")
     code, _, err = run(app, cfg, "events", "--json")
+    assert code == 2
+    assert "database: 'postgresql://db/gpusm' is not the URL of a SQLite file" in err
+
+
+def test_an_unusable_database_exits_1_with_the_reason(
+    app: typer.Typer, config: Path, db: Path
+) -> None:
+    db.parent.mkdir(parents=True)
+    db.write_text("not a database, just text " * 100)
+    code, _, err = run(app, config, "events", "--json")
     assert code == 1
-    assert "only SQLite is supported" in err
+    assert err.startswith("error: cannot open event store at ")
 
 
 # ---------------------------------------------------------------- history

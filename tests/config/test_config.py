@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpusm.config import find_config_path, load_config, parse_config
+from gpusm.config import (
+    check_folders,
+    find_config_path,
+    folder_problem,
+    load_config,
+    make_folder,
+    parse_config,
+    require_services,
+    split_listen,
+    sqlite_file,
+)
 from gpusm.errors import ConfigError, UnknownName
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -183,6 +193,16 @@ BAD_CASES = [
         "services.tts.restart.policy",
         "'no' or 'on-failure'",
     ),
+    ("listen-not-host-port", with_change("api", {"listen": "nonsense"}), "api.listen", "HOST:PORT"),
+    ("listen-port-too-big", with_change("api", {"listen": "[::1]:99999"}), "api.listen", "7723"),
+    ("listen-unicode-digits", with_change("api", {"listen": "h:\u00b2"}), "api.listen", "HOST"),
+    (
+        "database-not-sqlite",
+        with_change("database", "postgresql://db/gpusm"),
+        "database",
+        "sqlite:///PATH",
+    ),
+    ("database-in-memory", with_change("database", "sqlite://"), "database", "SQLite file"),
 ]
 
 
@@ -218,11 +238,24 @@ def test_a_file_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
         load_config(write(tmp_path, "- a\n- b\n"))
 
 
-def test_an_empty_file_is_a_valid_config_with_defaults(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, ""))
+@pytest.mark.parametrize("text", ["", "\n# nothing yet\n", "{}\n", "~\n"])
+def test_an_empty_file_is_refused_saying_to_add_services(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: the file defines no services. Fix: add services: (see examples/sim-demo.yaml)"
+    )
+
+
+def test_a_mapping_without_services_parses_with_defaults() -> None:
+    # Only an empty *file* is refused; require_services() is for commands that need them.
+    config = parse_config({})
     assert config.services == {}
     assert config.gpu.backend == "nvml"
     assert config.gpu.settle_timeout_s == 5.0
+    with pytest.raises(ConfigError, match="defines no services"):
+        require_services(config)
 
 
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
@@ -251,3 +284,101 @@ def test_relative_docker_volume_resolves_against_the_file(tmp_path: Path) -> Non
         f"{tmp_path.resolve()}/models:/root/.ollama:ro",
         "named:/data",
     ]
+
+
+# ---------------------------------------------------------------- what a later command needs
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:7723", ("127.0.0.1", 7723)),
+        (" localhost:0 ", ("localhost", 0)),
+        ("[::1]:8000", ("::1", 8000)),
+        ("nonsense", None),
+        (":80", None),
+        ("[::1]", None),
+        ("host:65536", None),
+        ("host:-1", None),
+        ("host:\u0668\u0660", None),  # Arabic-Indic digits are not a port
+        ("host:" + "1" * 5000, None),  # no int() of a huge string
+    ],
+)
+def test_split_listen_is_the_one_listen_syntax(text: str, expected: object) -> None:
+    from gpusm.wire import parse_listen
+
+    assert split_listen(text) == expected
+    if expected is None:
+        with pytest.raises(ConfigError, match="is not HOST:PORT"):
+            parse_listen(text)
+    else:
+        where = parse_listen(text)
+        assert (where.host, where.port) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:////abs/gpusm.db", "/abs/gpusm.db"),
+        ("sqlite:///rel/gpusm.db", "rel/gpusm.db"),
+        ("sqlite+pysqlite:///x.db?timeout=5", "x.db"),
+        ("sqlite://", None),
+        ("sqlite:///:memory:", None),
+        ("postgresql://db/gpusm", None),
+        ("not a url", None),
+    ],
+)
+def test_sqlite_file_reads_the_path_of_a_sqlite_url(url: str, path: str | None) -> None:
+    assert sqlite_file(url) == (Path(path) if path else None)
+
+
+def test_a_state_dir_below_a_file_is_named_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("")
+    path = write(tmp_path, with_change("state_dir", "./blocker/state"))
+    config = load_config(path)  # the file itself is fine: the folder is checked separately
+    with pytest.raises(ConfigError) as info:
+        check_folders(config)
+    message = str(info.value)
+    assert message.startswith(f"{path}: state_dir: cannot create or write the folder ")
+    assert f"{tmp_path / 'blocker'} is a file, not a folder" in message
+    assert "Fix: set state_dir to a folder that gpusm may create and write" in message
+    with pytest.raises(ConfigError, match=r"^state_dir: cannot create"):
+        make_folder(config.state_dir)  # no config file known: the key leads
+    assert not (tmp_path / "blocker").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("database", "sqlite:///{blocker}/db/gpusm.db"),
+        ("api", {"token_file": "{blocker}/token"}),
+        ("gpu", {"backend": "sim", "sim": {"dir": "{blocker}/sim"}}),
+    ],
+)
+def test_every_folder_gpusm_writes_is_checked(tmp_path: Path, key: str, value: object) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    text = yaml.safe_dump(value).replace("{blocker}", str(blocker))
+    config = load_config(write(tmp_path, with_change(key, yaml.safe_load(text))))
+    expected = {"api": "api.token_file", "gpu": "gpu.sim.dir"}.get(key, key)
+    with pytest.raises(ConfigError, match=rf": {expected}: cannot create"):
+        check_folders(config)
+
+
+def test_folder_problem_passes_creatable_folders_and_names_odd_paths(tmp_path: Path) -> None:
+    assert folder_problem(tmp_path) is None
+    assert folder_problem(tmp_path / "a" / "b" / "c") is None
+    assert folder_problem(tmp_path / "nul\x00") == "a path cannot contain a NUL character"
+    assert folder_problem(tmp_path / ("x" * 5000)) == "File name too long"
+    assert make_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    with pytest.raises(ConfigError, match="NUL"):
+        make_folder(tmp_path / "nul\x00", "state_dir", "gpusm.yaml")
+
+
+def test_a_file_that_is_not_utf8_or_a_path_with_nul_is_a_config_error(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe services: {}")
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_config(str(tmp_path / "a\x00.yaml"))
