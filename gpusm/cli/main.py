@@ -26,6 +26,8 @@ _COMMAND_MODULES = [
     "gpusm.cli.serve_cmd",
     "gpusm.cli.ops_cmd",
     "gpusm.cli.demo_cmd",
+    "gpusm.cli.systemd_cmd",
+    "gpusm.cli.reload_cmd",
 ]
 
 for _name in _COMMAND_MODULES:

@@ -4,28 +4,34 @@ Order of events: load the config, load or create the token, build the app, bind 
 port (a taken port fails here, before anything is recovered), then serve; recovery
 runs in the background and the API answers 503 until it has finished. SIGINT or
 SIGTERM stop it gracefully; the services keep running (the next ``gpusm serve``
-adopts them) unless ``--stop-on-exit`` is given.
+adopts them) unless ``--stop-on-exit`` is given. Under systemd (``Type=notify``) it
+sends ``READY=1`` once recovered and serving, and ``STOPPING=1`` when shutdown begins.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from gpusm.cli import sd_notify
 from gpusm.cli.common import (
     EXIT_CONFIG,
     EXIT_ERROR,
     ConfigOption,
     console,
+    err_console,
     fail,
     friendly_errors,
     load,
 )
 from gpusm.errors import GpusmError
+from gpusm.results import ReloadResult
 
 if TYPE_CHECKING:
     from gpusm.api.server import Server
@@ -33,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["register", "serve"]
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# How often the systemd watcher looks at recovery and shutdown (only under systemd).
+_NOTIFY_POLL_S = 0.05
 
 
 def serve(
@@ -49,7 +57,7 @@ def serve(
     ] = "warning",
 ) -> None:
     """Run the daemon: HTTP API, metrics, and the coordinator (recovers in the background)."""
-    from gpusm.api.app import create_app
+    from gpusm.api.app import create_app, state_of
     from gpusm.api.security import load_or_create_token
     from gpusm.api.server import bind, bound_port, make_server
     from gpusm.wire import TOKEN_ENV, parse_listen
@@ -94,11 +102,28 @@ def serve(
         soft_wrap=True,
     )
     previous = signal.signal(signal.SIGTERM, stop)
+    # SIGHUP (`systemctl reload`): read the config file again, off the signal handler.
+    reload = state_of(app).reload
+    previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: _reload_soon(reload))
+    served = threading.Event()
+    watcher = None
+    if sd_notify.claim():
+        watcher = threading.Thread(
+            target=_tell_systemd,
+            args=(server, lambda: state_of(app).phase == "ok", served, bound_port(sock)),
+            name="gpusm-sd-notify",
+            daemon=True,
+        )
+        watcher.start()
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
+        served.set()
+        if watcher is not None:
+            watcher.join()
+        signal.signal(signal.SIGHUP, previous_hup)
         signal.signal(signal.SIGTERM, previous)
         sock.close()
     if fatal:
@@ -107,6 +132,44 @@ def serve(
                 raise fatal[0]
         fail(f"recovery failed: {fatal[0]!r}; see the log above", EXIT_ERROR)
     console.print("gpusm stopped", markup=False)
+
+
+def _tell_systemd(
+    server: Server, recovered: Callable[[], bool], served: threading.Event, port: int
+) -> None:
+    """``READY=1`` once recovered and serving, then ``STOPPING=1`` once shutdown begins."""
+    # Polled: recovery runs in the app's own thread, and uvicorn has no callbacks for
+    # "started" or "told to exit"; both flags are plain attributes.
+    while not served.wait(_NOTIFY_POLL_S) and not server.should_exit:
+        if server.started and recovered():
+            sd_notify.ready(f"recovered; serving on port {port}")
+            break
+    while not served.wait(_NOTIFY_POLL_S) and not server.should_exit:
+        pass
+    sd_notify.stopping("shutting down")
+
+
+def _reload_soon(reload: Callable[[str], ReloadResult]) -> None:
+    # A Python handler, not SIG_IGN: an ignored SIGHUP would be inherited by the services.
+    threading.Thread(target=_reload, args=(reload,), name="gpusm-reload", daemon=True).start()
+
+
+def _reload(reload: Callable[[str], ReloadResult]) -> None:
+    with sd_notify.reloading():
+        try:
+            result = reload("SIGHUP")
+        except GpusmError as exc:
+            err_console.print(f"reload refused: {exc}", markup=False, soft_wrap=True)
+            return
+    changed = ", ".join(result.changed) or "none"
+    added = ", ".join(result.added) or "none"
+    removed = ", ".join(result.removed) or "none"
+    console.print(
+        f"config reloaded ({result.config_hash}): changed {changed}; added {added}; "
+        f"removed {removed}",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -11,9 +11,10 @@ timezone-aware UTC datetime round-trips exactly. ``data`` is compact JSON text.
 
 Alembic's migrations (``migrations/versions``) build exactly this metadata; a test
 compares them, and :data:`SCHEMA_REVISION` must name the newest migration.
-:func:`migrate` runs them (``migrations/`` at the repository root, which an editable
-install keeps beside the package); without that folder (a plain wheel install) an
-empty database gets this metadata created directly, stamped :data:`SCHEMA_REVISION`.
+:func:`migrate` runs them from :data:`MIGRATIONS_DIR`: the copy a wheel carries as
+``gpusm/store/migrations``, else ``migrations/`` at the root of a checkout (an editable
+install, where ``alembic.ini`` uses the same folder). Without either, an empty database
+gets this metadata created directly, stamped :data:`SCHEMA_REVISION`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
@@ -56,8 +58,20 @@ __all__ = [
 
 # The Alembic revision this code's tables correspond to (the newest in migrations/).
 SCHEMA_REVISION: Final = "0001"
-# Where Alembic's scripts live: <repo>/migrations, beside the gpusm package.
-MIGRATIONS_DIR: Path = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def _find_migrations() -> Path:
+    # A wheel installs the scripts inside this package (pyproject.toml maps the checkout's
+    # top-level migrations/ there); a checkout keeps them at <repo>/migrations.
+    packaged = resources.files(__package__ or "gpusm.store") / "migrations"
+    # Alembic needs a real folder: files on disk are one, a zipped import would not be.
+    if isinstance(packaged, Path) and (packaged / "env.py").is_file():
+        return packaged.resolve()
+    return Path(__file__).resolve().parents[2] / "migrations"
+
+
+# Where Alembic's scripts live (see _find_migrations).
+MIGRATIONS_DIR: Path = _find_migrations()
 
 metadata = MetaData(
     # Named constraints, so that Alembic's batch mode on SQLite can find them again.
@@ -167,15 +181,20 @@ def migrate(engine: Engine) -> str:
             else:
                 raise StoreError(
                     f"cannot upgrade schema revision {current or 'none'}: the migrations folder "
-                    f"{MIGRATIONS_DIR} is missing; install gpusm from a checkout (pip install -e .)"
+                    f"{MIGRATIONS_DIR} is missing; reinstall gpusm from its wheel "
+                    "(pip install --force-reinstall gpusm-*.whl) or a checkout (pip install -e .)"
                 )
             return read_revision(conn) or "none"
 
 
 def _is_ours(folder: Path) -> bool:
-    # In a wheel install parents[2] is site-packages, where another project's stray
-    # top-level "migrations" may live; ours sits beside alembic.ini in a checkout.
-    return (folder / "env.py").is_file() and (folder.parent / "alembic.ini").is_file()
+    # The copy inside this package is ours. Otherwise parents[2] may be site-packages,
+    # where another project's stray top-level "migrations" may live; ours sits beside
+    # alembic.ini in a checkout.
+    if not (folder / "env.py").is_file():
+        return False
+    inside = folder.resolve().parent == Path(__file__).resolve().parent
+    return inside or (folder.parent / "alembic.ini").is_file()
 
 
 def _has_table(conn: Connection, name: str) -> bool:
