@@ -16,9 +16,9 @@ refusals raise the same errors (:class:`~gpusm.errors.InsufficientVram` with its
 numbers, :class:`~gpusm.errors.UnknownName`, :class:`~gpusm.errors.RequestTimeout`,
 :class:`~gpusm.errors.ServiceStartFailed`, else :class:`~gpusm.errors.GpusmError`).
 
-Connection failures are retried a bounded number of times (a request that never
-reached the daemon is safe to repeat), and so are 503 answers that carry
-``Retry-After`` (the daemon is recovering or restarting), within ``max_wait_s``.
+A daemon restart is ridden out: a call that finds no daemon, or a daemon still
+recovering, or (for the idempotent verbs) loses its connection mid-request, is repeated
+for up to ``max_wait_s`` before it raises; see :class:`Client`.
 
 Answers are decoded, and problems mapped to errors, by :mod:`gpusm.wire`, the
 description the daemon encodes with; this module never imports :mod:`gpusm.api`.
@@ -26,9 +26,14 @@ description the daemon encodes with; this module never imports :mod:`gpusm.api`.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,10 +45,11 @@ from gpusm.domain.events import RecordedEvent
 from gpusm.domain.policy import Plan
 from gpusm.errors import GpusmError, RequestTimeout
 from gpusm.ports import EventQuery
-from gpusm.results import PhaseResult, Status, StopNote
+from gpusm.results import PhaseResult, ReloadResult, Status, StopNote
 from gpusm.wire import (
     EventPage,
     ReleasedAll,
+    Renewed,
     error_from_problem,
     from_json,
     parse_listen,
@@ -54,6 +60,7 @@ __all__ = ["DEFAULT_URL", "Client", "daemon_url", "find_daemon"]
 
 DEFAULT_URL = "http://127.0.0.1:7723"
 _PAGE = 1000
+_log = logging.getLogger(__name__)
 
 
 def daemon_url(listen: str) -> str:
@@ -79,8 +86,36 @@ class Client:
     ``token`` defaults to ``$GPUSM_TOKEN``, else the contents of ``token_file``.
     ``timeout`` bounds quick calls; calls that wait for services (phase, ensure, start,
     stop, release-all) wait for the daemon's own deadline plus ``timeout``.
-    ``retries`` and ``max_wait_s`` bound the retries described above. ``transport``
-    replaces httpx's (for tests).
+    ``transport`` replaces httpx's (for tests).
+
+    **Retries** (a daemon restarting under a worker). A call is repeated when
+
+    - no daemon answers (connection refused or connect timeout): the request never
+      reached one, so every verb repeats it;
+    - the daemon answers ``503`` with ``Retry-After`` (recovering or shutting down): it
+      refused before doing anything, so every verb repeats it (not ``healthz``);
+    - the connection breaks after the request went out (disconnect, read or write error
+      mid-response) — only for the idempotent calls: ``enter_phase``,
+      ``ensure_service``, ``release`` and the reads (``status``, ``plan_phase``,
+      ``events``, ``healthz``). ``start_service``, ``stop_service``, ``reset_service``
+      and ``release_all`` may have taken effect, so they raise at once, saying so.
+
+    Any other answer — a 4xx or 5xx problem such as :class:`~gpusm.errors.UnknownName`
+    or :class:`~gpusm.errors.InsufficientVram`, a 503 without ``Retry-After`` — and a
+    read timeout (:class:`~gpusm.errors.RequestTimeout`) raise at once. Retries wait
+    50 ms, doubling up to 1 s, or longer when ``Retry-After`` (capped at 10 s) asks; they
+    go on for at most ``max_wait_s`` seconds (default 30) after the first failure, and at
+    most ``retries`` times if it is given; then a :class:`~gpusm.errors.GpusmError`
+    names the last failure, the tries and the seconds spent. A repeated call keeps its
+    deadline (the daemon is sent only the ``timeout`` left of ``timeout + max_wait_s``),
+    so a call ends within its own timeout (its ``timeout`` argument, if given, plus the
+    client's ``timeout``) plus ``max_wait_s``. ``max_wait_s=0`` tries once.
+
+    **Leases.** While the client is open, a background thread renews, every
+    ``renew_every_s`` seconds (default 15; None: never), the lease of each client name
+    that took one through it (``enter_phase``, ``ensure_service``) and has not released
+    it, so a worker that is busy for a long phase keeps its services while one that is
+    killed loses them after the daemon's ``api.lease_ttl_s``.
     """
 
     def __init__(
@@ -90,11 +125,17 @@ class Client:
         *,
         token_file: str | os.PathLike[str] | None = None,
         timeout: float = 10.0,
-        retries: int = 5,
+        retries: int | None = None,
         max_wait_s: float = 30.0,
+        renew_every_s: float | None = 15.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.renew_every_s = renew_every_s
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._renewer: threading.Thread | None = None
         self.timeout = timeout
         self.retries = retries
         self.max_wait_s = max_wait_s
@@ -124,18 +165,23 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the connection pool; idempotent."""
+        """Stop renewing leases and close the connection pool; idempotent."""
+        self._closed.set()
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            self._renewer.join(timeout=5)
         self._http.close()
 
     # ------------------------------------------------------------ verbs
     def healthz(self) -> dict[str, Any]:
         """The daemon's liveness answer (``status``: ok, recovering, failed, stopping)."""
-        found: dict[str, Any] = self._json("GET", "/healthz", retry_unavailable=False)
+        found: dict[str, Any] = self._json(
+            "GET", "/healthz", idempotent=True, retry_unavailable=False
+        )
         return found
 
     def status(self) -> Status:
         """Devices, services and leases now."""
-        return from_json(Status, self._json("GET", "/gpu/status"))
+        return from_json(Status, self._json("GET", "/gpu/status", idempotent=True))
 
     def enter_phase(
         self,
@@ -150,7 +196,8 @@ class Client:
             body["timeout"] = timeout
         if priority is not None:
             body["priority"] = priority
-        found = self._json("POST", "/gpu/phase", body, blocking=True, wait=timeout)
+        found = self._json("POST", "/gpu/phase", body, blocking=True, wait=timeout, idempotent=True)
+        self._hold(client)
         return from_json(PhaseResult, found)
 
     def ensure_service(
@@ -161,11 +208,52 @@ class Client:
         if timeout is not None:
             body["timeout"] = timeout
         path = f"/gpu/services/{_segment(name)}/ensure"
-        return from_json(PhaseResult, self._json("POST", path, body, blocking=True, wait=timeout))
+        found = self._json("POST", path, body, blocking=True, wait=timeout, idempotent=True)
+        self._hold(client)
+        return from_json(PhaseResult, found)
 
     def release(self, client: str = "default") -> None:
         """Drop ``client``'s lease; its services stay warm until their room is needed."""
-        self._json("POST", "/gpu/release", {"client": client})
+        with self._held_lock:
+            self._held.discard(client)
+        self._json("POST", "/gpu/release", {"client": client}, idempotent=True)
+
+    def renew(self, client: str = "default") -> bool:
+        """Keep ``client``'s lease alive; False if it has none any more (it expired or was
+        revoked: enter the phase again)."""
+        found = self._json("POST", "/gpu/leases/renew", {"client": client}, idempotent=True)
+        return from_json(Renewed, found).renewed
+
+    def reload(self, by: str = "client") -> ReloadResult:
+        """Make the daemon read its config file again and apply it without a restart;
+        ReloadRefused (running config unchanged) if the file is invalid or changes what
+        only a restart can."""
+        return from_json(ReloadResult, self._json("POST", "/gpu/reload", {"by": by}))
+
+    # ------------------------------------------------------------ lease renewal
+    def _hold(self, client: str) -> None:
+        if self.renew_every_s is None:
+            return
+        with self._held_lock:
+            self._held.add(client)
+            if self._renewer is None and not self._closed.is_set():
+                self._renewer = threading.Thread(
+                    target=self._renew_loop, name="gpusm-client-renew", daemon=True
+                )
+                self._renewer.start()
+
+    def _renew_loop(self) -> None:
+        assert self.renew_every_s is not None
+        while not self._closed.wait(self.renew_every_s):
+            with self._held_lock:
+                clients = sorted(self._held)
+            for client in clients:
+                try:
+                    if not self.renew(client):
+                        with self._held_lock:
+                            self._held.discard(client)  # gone: the next call hears why
+                except GpusmError:
+                    continue  # the daemon is away; the retries and the next round cover it
 
     def release_all(self, by: str = "client") -> list[StopNote]:
         """Drop every lease and stop every running service."""
@@ -197,7 +285,8 @@ class Client:
         params: dict[str, Any] = {"client": client}
         if priority is not None:
             params["priority"] = priority
-        return from_json(Plan, self._json("GET", f"/gpu/plan/{_segment(name)}", params=params))
+        found = self._json("GET", f"/gpu/plan/{_segment(name)}", params=params, idempotent=True)
+        return from_json(Plan, found)
 
     def events_page(
         self, query: EventQuery | None = None, page_size: int = 100
@@ -216,7 +305,8 @@ class Client:
         for key, at in (("since", query.since), ("until", query.until)):
             if at is not None:
                 params.append((key, at.isoformat()))
-        page = from_json(EventPage, self._json("GET", "/gpu/events", params=params))
+        found = self._json("GET", "/gpu/events", params=params, idempotent=True)
+        page = from_json(EventPage, found)
         return list(page.events), page.next_after_seq
 
     def events(self, query: EventQuery | None = None) -> list[RecordedEvent]:
@@ -251,49 +341,134 @@ class Client:
         params: Any = None,
         blocking: bool = False,
         wait: float | None = None,
+        idempotent: bool = False,
         retry_unavailable: bool = True,
     ) -> Any:
-        """Send, retry as documented, and return the JSON answer or raise the mapped error.
+        """Send, retry as the class docstring says, and return the JSON answer or raise the
+        mapped error.
 
         A ``blocking`` call waits on the daemon for up to ``wait`` seconds (None: the
-        daemon's own deadline), so the read timeout is lifted accordingly.
+        daemon's own deadline), so the read timeout is lifted accordingly. ``idempotent``
+        calls are also repeated when the connection broke after the request was sent.
         """
+        started = time.monotonic()
+        # No try starts after ``budget_end`` (None: only the retry window bounds them),
+        # so that a call ends within its own timeout plus max_wait_s.
+        budget_end = None
+        if not blocking or wait is not None:
+            budget_end = started + (wait or 0.0) + self.max_wait_s
+        window_end: float | None = None  # the first failure + max_wait_s
+        tries = 0
+        failure: _Failure | None = None
+        while True:
+            sent, daemon_wait = body, wait
+            if failure is not None and wait is not None and budget_end is not None:
+                # A retried blocking call keeps its deadline: the daemon gets what is left.
+                daemon_wait = min(wait, budget_end - time.monotonic())
+                if daemon_wait <= 0:
+                    raise self._gave_up(failure, tries, started) from failure.cause
+                sent = {**(body or {}), "timeout": daemon_wait}
+            tries += 1
+            found = self._once(
+                method, path, sent, params, blocking, daemon_wait, idempotent, retry_unavailable
+            )
+            if not isinstance(found, _Failure):
+                return found
+            failure = found
+            now = time.monotonic()
+            if window_end is None:
+                window_end = now + self.max_wait_s
+                if budget_end is not None:
+                    window_end = min(window_end, budget_end)
+            pause = min(max(failure.pause, _backoff(tries)), window_end - now)
+            if pause <= 0 or (self.retries is not None and tries > self.retries):
+                raise self._gave_up(failure, tries, started) from failure.cause
+            _log.debug("%s %s: %s; retry %d in %.2f s", method, path, failure.error, tries, pause)
+            time.sleep(pause)
+
+    def _once(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        params: Any,
+        blocking: bool,
+        wait: float | None,
+        idempotent: bool,
+        retry_unavailable: bool,
+    ) -> Any:
+        """One try: the JSON answer, a :class:`_Failure` that may be retried, or an error."""
         if not blocking:
             timeout = httpx.Timeout(self.timeout)
         else:
             read = None if wait is None else wait + self.timeout
             timeout = httpx.Timeout(self.timeout, read=read)
-        deadline = time.monotonic() + self.max_wait_s
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = self._http.request(
-                    method, path, json=body, params=params, timeout=timeout
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                # Never reached the daemon: safe to repeat, even a POST.
-                if attempt > self.retries or time.monotonic() >= deadline:
-                    raise GpusmError(
-                        f"no gpusm daemon answers at {self.base_url} ({exc}); "
-                        "start one with `gpusm serve`"
-                    ) from exc
-                time.sleep(min(0.1 * 2**attempt, 2.0, max(0.0, deadline - time.monotonic())))
-                continue
-            except httpx.TimeoutException as exc:
-                raise RequestTimeout(f"{method} {path}: the daemon did not answer in time") from exc
-            except httpx.HTTPError as exc:
-                raise GpusmError(f"{method} {path} at {self.base_url} failed: {exc}") from exc
-            pause = _retry_after(response)
-            if (
-                retry_unavailable
-                and pause is not None
-                and attempt <= self.retries
-                and time.monotonic() + pause < deadline
-            ):
-                time.sleep(pause)
-                continue
+        try:
+            response = self._http.request(method, path, json=body, params=params, timeout=timeout)
+        except _UNSENT as exc:
+            # Never reached the daemon: safe to repeat, even a POST.
+            error = GpusmError(
+                f"no gpusm daemon answers at {self.base_url} ({_describe(exc)}); "
+                "start one with `gpusm serve`"
+            )
+            return _Failure(error, exc)
+        except _LOST as exc:
+            error = GpusmError(
+                f"{method} {path}: the connection to the gpusm daemon at {self.base_url} "
+                f"broke before it answered ({_describe(exc)})"
+            )
+            if idempotent:
+                return _Failure(error, exc)
+            raise GpusmError(
+                f"{error}; it may or may not have taken effect, so it is not repeated: "
+                "check `gpusm status` before trying again"
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise RequestTimeout(f"{method} {path}: the daemon did not answer in time") from exc
+        except httpx.HTTPError as exc:
+            raise GpusmError(f"{method} {path} at {self.base_url} failed: {exc}") from exc
+        retry_after = _retry_after(response) if retry_unavailable else None
+        if retry_after is None:
             return _answer(response)
+        # Refused before anything was done (recovering, shutting down): safe to repeat.
+        try:
+            _answer(response)
+        except GpusmError as exc:
+            return _Failure(exc, exc, retry_after)
+        raise GpusmError(f"gpusm daemon answered {response.status_code}")  # pragma: no cover
+
+    def _gave_up(self, failure: _Failure, tries: int, started: float) -> GpusmError:
+        return GpusmError(
+            f"{failure.error}; gave up after {tries} {'try' if tries == 1 else 'tries'} in "
+            f"{time.monotonic() - started:.1f} s (max_wait_s={self.max_wait_s:g})"
+        )
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A try that may be repeated: what went wrong, and the pause the daemon asked for."""
+
+    error: GpusmError
+    cause: BaseException
+    pause: float = 0.0
+
+
+# Retries back off from 50 ms, doubling up to 1 s; Retry-After (≤ 10 s) is honoured.
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 1.0
+_RETRY_AFTER_MAX_S = 10.0
+# The request never reached the daemon: safe to repeat for every verb.
+_UNSENT = (httpx.ConnectError, httpx.ConnectTimeout)
+# The connection broke after the request went out: the daemon may have acted on it.
+_LOST = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError)
+
+
+def _backoff(tries: int) -> float:
+    return float(min(_BACKOFF_FIRST_S * 2 ** (tries - 1), _BACKOFF_MAX_S))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _segment(name: str) -> str:
@@ -304,12 +479,18 @@ def _segment(name: str) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait before repeating a request a 503 with ``Retry-After`` refused."""
     if response.status_code != 503 or "retry-after" not in response.headers:
         return None
+    value = response.headers["retry-after"].strip()
     try:
-        return max(0.0, min(float(response.headers["retry-after"]), 10.0))
+        seconds = float(value)
     except ValueError:
-        return 1.0
+        try:  # an HTTP date
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):
+            seconds = 1.0
+    return max(0.0, min(seconds, _RETRY_AFTER_MAX_S))
 
 
 def _answer(response: httpx.Response) -> Any:

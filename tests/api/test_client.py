@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +21,7 @@ from gpusm.domain.policy import Plan
 from gpusm.errors import GpusmError, InsufficientVram, RequestTimeout, UnknownName
 from gpusm.ports import EventQuery
 from gpusm.results import PhaseResult, Status, StopNote
+from gpusm.wire import from_json, problem_body, problem_for_error
 from tests.api.api_helpers import TOKEN, free_port, seed_config, write_config
 
 Serve = Callable[..., ThreadedServer]
@@ -204,3 +210,211 @@ def test_client_does_not_send_a_token_it_does_not_have(monkeypatch: pytest.Monke
         client.release("x")
     assert seen == [None]
     assert os.environ.get("GPUSM_TOKEN") is None
+
+
+# ---------------------------------------------------------------- retries (in-process fake)
+# httpx.MockTransport stands in for the daemon: each handler plays one outage.
+PHASE_ANSWER = {
+    "phase": "tts",
+    "client": "w",
+    "started": [],
+    "kept": ["cosyvoice"],
+    "stopped": [],
+    "waited_s": 0.0,
+    "free_before_mib": 20480,
+    "free_after_mib": 20480,
+}
+
+
+class FakeDaemon:
+    """Answers from a script, one entry per request (the last repeats); notes each request."""
+
+    def __init__(self, *script: httpx.Response | type[httpx.TransportError]) -> None:
+        self.script = list(script)
+        self.seen: list[tuple[float, str, dict[str, Any] | None]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        self.seen.append((time.monotonic(), request.url.path, body))
+        step = self.script[min(len(self.seen), len(self.script)) - 1]
+        if isinstance(step, httpx.Response):
+            return step
+        message = {
+            httpx.ConnectError: "[Errno 111] Connection refused",
+            httpx.RemoteProtocolError: "Server disconnected without sending a response",
+        }.get(step, "connection reset")
+        raise step(message, request=request)
+
+    def client(self, **kwargs: Any) -> Client:
+        return Client("http://x", token=TOKEN, transport=httpx.MockTransport(self), **kwargs)
+
+    def gaps(self) -> list[float]:
+        return [b[0] - a[0] for a, b in itertools.pairwise(self.seen)]
+
+
+def ok(body: dict[str, Any] | None = None) -> httpx.Response:
+    return httpx.Response(200, json=PHASE_ANSWER if body is None else body)
+
+
+def problem(error: GpusmError) -> httpx.Response:
+    status, doc = problem_for_error(error)
+    return httpx.Response(status, json=doc, headers={"content-type": "application/problem+json"})
+
+
+RECOVERING = httpx.Response(
+    503,
+    json=problem_body("recovering", "the gpusm daemon is recovering; retry shortly"),
+    headers={"Retry-After": "1"},
+)
+
+
+def test_a_refused_connection_is_retried_with_backoff_until_the_daemon_answers() -> None:
+    fake = FakeDaemon(httpx.ConnectError, httpx.ConnectError, httpx.ConnectError, ok())
+    with fake.client() as client:
+        result = client.enter_phase("tts", client="w")
+    assert result.kept == ("cosyvoice",)
+    assert len(fake.seen) == 4
+    # 50 ms, doubling: never a spin.
+    for gap, floor in zip(fake.gaps(), (0.05, 0.1, 0.2), strict=True):
+        assert floor <= gap < floor + 0.5
+
+
+def test_a_dropped_enter_phase_is_repeated_and_keeps_its_deadline() -> None:
+    fake = FakeDaemon(httpx.RemoteProtocolError, httpx.ReadError, ok())
+    with fake.client() as client:
+        result = client.enter_phase("tts", client="w", timeout=5, priority=3)
+    assert result == from_json(PhaseResult, PHASE_ANSWER)
+    bodies = [body for _, _, body in fake.seen]
+    assert bodies[0] == {"phase": "tts", "client": "w", "timeout": 5, "priority": 3}
+    for body in bodies[1:]:
+        # Repeated as is, but the daemon is given only the time left (of timeout + max_wait_s).
+        assert body is not None
+        assert {k: v for k, v in body.items() if k != "timeout"} == {
+            "phase": "tts",
+            "client": "w",
+            "priority": 3,
+        }
+        assert 4 < body["timeout"] <= 5
+
+
+def test_ensure_and_release_are_repeated_after_a_dropped_connection() -> None:
+    fake = FakeDaemon(httpx.RemoteProtocolError, ok({**PHASE_ANSWER, "phase": "service:x"}))
+    with fake.client() as client:
+        assert client.ensure_service("x", client="w").phase == "service:x"
+    fake = FakeDaemon(httpx.ReadError, ok({"client": "w"}))
+    with fake.client() as client:
+        client.release("w")
+    assert [path for _, path, _ in fake.seen] == ["/gpu/release", "/gpu/release"]
+
+
+def test_a_503_with_retry_after_is_waited_out_as_asked() -> None:
+    fake = FakeDaemon(RECOVERING, ok())
+    with fake.client() as client:
+        assert client.enter_phase("tts", client="w").kept == ("cosyvoice",)
+    assert len(fake.seen) == 2
+    # Retry-After: 1 is honoured (the backoff alone would have waited 50 ms).
+    assert 1.0 <= fake.gaps()[0] < 2.0
+
+
+def test_it_gives_up_after_max_wait_s_naming_the_last_failure_and_the_time_spent() -> None:
+    fake = FakeDaemon(httpx.ConnectError, httpx.RemoteProtocolError)
+    started = time.monotonic()
+    with (
+        fake.client(max_wait_s=0.6) as client,
+        pytest.raises(GpusmError, match="gave up after") as caught,
+    ):
+        client.enter_phase("tts", client="w", timeout=30)
+    elapsed = time.monotonic() - started
+    message = str(caught.value)
+    assert "Server disconnected without sending a response" in message  # the last failure
+    assert re.search(r"gave up after \d+ tries in \d\.\d s \(max_wait_s=0\.6\)", message)
+    assert isinstance(caught.value.__cause__, httpx.RemoteProtocolError)
+    assert 0.6 <= elapsed < 1.5
+    # 50 + 100 + 200 ms, then what is left of the 600 ms: no spinning.
+    assert 4 <= len(fake.seen) <= 6
+
+
+def test_a_daemon_that_stays_recovering_is_given_up_on_with_its_own_words() -> None:
+    fake = FakeDaemon(RECOVERING)
+    with (
+        fake.client(max_wait_s=0.3) as client,
+        pytest.raises(GpusmError, match=r"is recovering.*gave up after 2 tries in 0\.[3-9] s"),
+    ):
+        client.status()
+    # The only retry came when the window closed, not before.
+    assert len(fake.seen) == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(UnknownName("phase", "nope", ["tts"]), id="unknown-phase"),
+        pytest.param(InsufficientVram(18432, 4096, 0, ["comfyui"]), id="insufficient-vram"),
+        pytest.param(RequestTimeout("no finish before the deadline"), id="timeout-504"),
+    ],
+)
+def test_a_problem_answer_raises_at_once_and_is_never_retried(answer: GpusmError) -> None:
+    fake = FakeDaemon(problem(answer), ok())
+    with fake.client() as client, pytest.raises(type(answer)) as caught:
+        client.enter_phase("tts", client="w")
+    assert str(caught.value) == str(answer)
+    assert len(fake.seen) == 1
+
+
+def test_a_503_without_retry_after_is_an_answer_not_a_retry() -> None:
+    failed = problem_body("recovery-failed", "recovery failed: boom; the daemon is stopping")
+    fake = FakeDaemon(httpx.Response(503, json=failed), ok())
+    with fake.client() as client, pytest.raises(GpusmError, match="recovery failed: boom"):
+        client.enter_phase("tts", client="w")
+    assert len(fake.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("verb", "path"),
+    [
+        pytest.param(lambda c: c.start_service("vidi"), "/gpu/services/vidi/start", id="start"),
+        pytest.param(lambda c: c.stop_service("vidi"), "/gpu/services/vidi/stop", id="stop"),
+        pytest.param(lambda c: c.reset_service("vidi"), "/gpu/services/vidi/reset", id="reset"),
+        pytest.param(lambda c: c.release_all(), "/gpu/release-all", id="release-all"),
+    ],
+)
+def test_a_non_idempotent_verb_is_not_repeated_after_a_dropped_connection(
+    verb: Callable[[Client], object], path: str
+) -> None:
+    fake = FakeDaemon(httpx.RemoteProtocolError, ok({"stopped": []}))
+    with (
+        fake.client() as client,
+        pytest.raises(GpusmError, match="may or may not have taken effect") as caught,
+    ):
+        verb(client)
+    assert [p for _, p, _ in fake.seen] == [path]
+    assert f"POST {path}" in str(caught.value)
+    assert "Server disconnected" in str(caught.value)
+
+
+def test_a_non_idempotent_verb_that_never_reached_the_daemon_is_sent_again() -> None:
+    # A refused connection or a 503 refusal means nothing was done: repeating is safe.
+    fake = FakeDaemon(httpx.ConnectError, RECOVERING, ok({"stopped": []}))
+    with fake.client() as client:
+        assert client.release_all() == []
+    assert len(fake.seen) == 3
+
+
+def test_retries_can_also_be_capped_by_count() -> None:
+    fake = FakeDaemon(httpx.ConnectError)
+    with (
+        fake.client(retries=2, max_wait_s=30) as client,
+        pytest.raises(GpusmError, match=r"no gpusm daemon answers.*gave up after 3 tries"),
+    ):
+        client.status()
+    assert len(fake.seen) == 3
+
+
+def test_max_wait_s_zero_tries_once() -> None:
+    fake = FakeDaemon(httpx.ConnectError, ok())
+    with (
+        fake.client(max_wait_s=0) as client,
+        pytest.raises(GpusmError, match="gave up after 1 try in"),
+    ):
+        client.release("w")
+    assert len(fake.seen) == 1
