@@ -17,6 +17,7 @@ this tree at the adapter that meets them, so callers catch one family::
     ├── CoordinatorBusy             another coordinator owns the state directory
     ├── UnknownName                 a phase or service that the config does not define
     ├── InsufficientVram            a request that cannot fit, even after evictions
+    ├── ReloadRefused               a new config that cannot replace the running one
     └── RequestTimeout              a request that did not finish before its deadline
 """
 
@@ -30,6 +31,7 @@ __all__ = [
     "GpusmError",
     "IllegalTransition",
     "InsufficientVram",
+    "ReloadRefused",
     "RequestTimeout",
     "ServiceRuntimeError",
     "ServiceStartFailed",
@@ -134,6 +136,11 @@ class VramNotReclaimed(GpusmError):
 
 class CoordinatorBusy(GpusmError):
     """Another coordinator process holds the state directory's lock."""
+
+
+class ReloadRefused(GpusmError):
+    """A config reload that was refused: the new file is invalid, or it changes what only
+    a restart can change. The running config stays as it was."""
 
 
 class UnknownName(GpusmError):

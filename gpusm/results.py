@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["DeviceStatus", "PhaseResult", "ServiceStatus", "Status", "StopNote"]
+__all__ = ["DeviceStatus", "PhaseResult", "ReloadResult", "ServiceStatus", "Status", "StopNote"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class PhaseResult:
     free_before_mib: int | None
     free_after_mib: int | None
     prefetching: tuple[str, ...] = ()
+    # Why the client's previous lease was revoked since its last call, if it was.
+    lease_revoked: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -70,6 +72,19 @@ class DeviceStatus:
 
 
 @dataclass(frozen=True)
+class ReloadResult:
+    """What a config reload changed. Unchanged services kept running as they were;
+    changed ones restart with the new config once idle; removed ones were stopped."""
+
+    config_hash: str
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    phases_changed: bool = False
+
+
+@dataclass(frozen=True)
 class Status:
     """The whole picture: devices, services, leases, and whether recovery finished."""
 
@@ -77,6 +92,11 @@ class Status:
     devices: tuple[DeviceStatus, ...]
     services: tuple[ServiceStatus, ...]
     leases: dict[str, str] = field(default_factory=dict)
+    # Seconds until each lease with a TTL expires unless its client is heard from.
+    lease_expires_s: dict[str, float] = field(default_factory=dict)
+    # The running config: a short hash of its content, and when it was loaded (UTC).
+    config_hash: str = ""
+    config_loaded_at: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

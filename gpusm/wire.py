@@ -62,6 +62,7 @@ from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
+from gpusm.config import split_listen
 from gpusm.domain.events import RecordedEvent
 from gpusm.domain.policy import Plan
 from gpusm.errors import (
@@ -72,6 +73,7 @@ from gpusm.errors import (
     GpusmError,
     IllegalTransition,
     InsufficientVram,
+    ReloadRefused,
     RequestTimeout,
     ServiceRuntimeError,
     ServiceStartFailed,
@@ -81,7 +83,7 @@ from gpusm.errors import (
     UnknownName,
     VramNotReclaimed,
 )
-from gpusm.results import PhaseResult, ServiceStatus, Status, StopNote
+from gpusm.results import PhaseResult, ReloadResult, ServiceStatus, Status, StopNote
 
 __all__ = [
     "PROBLEMS",
@@ -94,6 +96,7 @@ __all__ = [
     "Problem",
     "ProblemType",
     "Released",
+    "Renewed",
     "ReleasedAll",
     "error_from_problem",
     "from_json",
@@ -129,6 +132,15 @@ class Released:
 
 
 @dataclass(frozen=True)
+class Renewed:
+    """Whether the client's lease was renewed (False: it holds none; enter a phase)."""
+
+    client: str
+    renewed: bool
+    expires_in_s: float | None = None
+
+
+@dataclass(frozen=True)
 class ReleasedAll:
     """Every service stopped by a release of everything."""
 
@@ -154,6 +166,8 @@ SHAPES: tuple[type, ...] = (
     Plan,
     Released,
     ReleasedAll,
+    Renewed,
+    ReloadResult,
     ServiceStatus,
     Status,
     StopNote,
@@ -361,6 +375,7 @@ _TABLE = (
     ),
     ProblemType("gpu-unreadable", 503, "GPU unreadable", GpuProbeError, (SimOutOfMemory,)),
     ProblemType("coordinator-busy", 503, "Coordinator busy", CoordinatorBusy),
+    ProblemType("reload-refused", 422, "Reload refused", ReloadRefused),
     ProblemType("store-error", 500, "Event store error", StoreError),
     ProblemType("config-error", 500, "Configuration error", raised_for=(ConfigError,)),
     # HTTP-level refusals: raised by the API itself, never by the coordinator.
@@ -437,18 +452,16 @@ class Listen:
 
 
 def parse_listen(value: str, source: str = "api.listen") -> Listen:
-    """``HOST:PORT`` or ``[IPv6]:PORT``; ConfigError naming ``source`` if malformed."""
-    text = value.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":") if rest.startswith(":") else ""
-    else:
-        host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    """``HOST:PORT`` or ``[IPv6]:PORT``; ConfigError naming ``source`` if malformed.
+
+    The syntax is :func:`gpusm.config.split_listen`'s, which also checks ``api.listen``.
+    """
+    found = split_listen(value)
+    if found is None:
         raise ConfigError(
             source, "", f"{value!r} is not HOST:PORT", "write e.g. 127.0.0.1:7723 or [::1]:7723"
         )
-    return Listen(host, int(port))
+    return Listen(*found)
 
 
 def read_token_file(path: Path) -> str:

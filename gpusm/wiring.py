@@ -42,6 +42,7 @@ __all__ = [
     "build_runtimes",
     "deployment_id",
     "open_coordinator",
+    "open_runtime",
     "open_sim",
     "open_sim_dir",
     "open_store",
@@ -172,24 +173,28 @@ def build_runtimes(
 ) -> dict[str, Runtime]:
     """One runtime per kind that ``config`` uses (native always), from ``registry``."""
     registry = RUNTIMES if registry is None else registry
+    kinds = [k for k in _ALWAYS if k in registry]
+    kinds += sorted({s.runtime for s in config.services.values()} - set(kinds))
+    return {kind: open_runtime(config, kind, registry) for kind in kinds}
+
+
+def open_runtime(
+    config: Config, kind: str, registry: Mapping[str, RuntimeFactory] | None = None
+) -> Runtime:
+    """The runtime ``kind`` for ``config``'s deployment; ConfigError if none is registered."""
+    registry = RUNTIMES if registry is None else registry
+    if kind not in registry:
+        raise ConfigError(
+            str(config.source or "<config>"),
+            "runtime",
+            f"no runtime {kind!r} is registered",
+            f"use one of {', '.join(sorted(registry))}",
+        )
     deployment = deployment_id(config)
     env = {DEPLOYMENT_ENV: deployment}
     if config.gpu.backend == "sim":
         env["GPUSM_SIM_DIR"] = str(config.sim_dir)
-    kinds = [k for k in _ALWAYS if k in registry]
-    kinds += sorted({s.runtime for s in config.services.values()} - set(kinds))
-    runtimes: dict[str, Runtime] = {}
-    for kind in kinds:
-        if kind not in registry:
-            raise ConfigError(
-                str(config.source or "<config>"),
-                "runtime",
-                f"no runtime {kind!r} is registered",
-                f"use one of {', '.join(sorted(registry))}",
-            )
-        ctx = RuntimeContext(kind, deployment, env, config.state_dir / "logs")
-        runtimes[kind] = registry[kind](ctx)
-    return runtimes
+    return registry[kind](RuntimeContext(kind, deployment, env, config.state_dir / "logs"))
 
 
 # ---------------------------------------------------------------- the engine
@@ -200,7 +205,9 @@ def build_engine(
     registry: Mapping[str, RuntimeFactory] | None = None,
 ) -> Engine:
     """Open the store, the probe, the runtimes and the health checker for ``config``."""
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    from gpusm.config import make_folder  # an unusable state_dir: a ConfigError, not OSError
+
+    make_folder(config.state_dir, "state_dir", config.source)
     clock = clock or SystemClock()
     store = open_store(config)
     try:
@@ -210,7 +217,13 @@ def build_engine(
         store.close()
         raise
     return Engine(
-        config, store=store, probe=probe, runtimes=runtimes, health=Health(clock), clock=clock
+        config,
+        store=store,
+        probe=probe,
+        runtimes=runtimes,
+        health=Health(clock),
+        clock=clock,
+        open_runtime=lambda kind: open_runtime(config, kind, registry),
     )
 
 

@@ -16,13 +16,14 @@ import pytest
 from gpusm.domain.events import RecordedEvent
 from gpusm.domain.policy import Plan, Victim
 from gpusm.errors import GpusmError
-from gpusm.results import DeviceStatus, PhaseResult, ServiceStatus, Status, StopNote
+from gpusm.results import DeviceStatus, PhaseResult, ReloadResult, ServiceStatus, Status, StopNote
 from gpusm.wire import (
     SHAPES,
     EventPage,
     Health,
     Released,
     ReleasedAll,
+    Renewed,
     from_json,
     to_json,
 )
@@ -89,6 +90,9 @@ SAMPLES: list[Any] = [
     Health(status="ok", recovered=True, version="1.2.3"),
     Released("worker-1"),
     ReleasedAll((NOTE,)),
+    Renewed("worker-1", True, 41.5),
+    ReloadResult("a1b2c3d4e5f6", ("new",), ("old",), ("vidi",), ("tts",), True),
+    Renewed("worker-2", False),
 ]
 
 

@@ -24,6 +24,7 @@ from gpusm.results import PhaseResult
 __all__ = ["METRIC_NAMES", "Metrics"]
 
 _MIB = 1024 * 1024
+_LEASE_ENDS = {"LeaseRevoked": "revoked", "LeaseExpired": "expired"}
 _PAGE = 1000
 _SLOW = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _FAST = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -44,6 +45,7 @@ METRIC_NAMES = (
     "gpusm_evictions",
     "gpusm_preemptions",
     "gpusm_refused_requests",
+    "gpusm_leases_ended",
     "gpusm_time_to_healthy_seconds",
     "gpusm_stop_seconds",
     "gpusm_reclaim_seconds",
@@ -154,6 +156,13 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self.leases_ended = Counter(
+            "gpusm_leases_ended",
+            "Leases that ended without a release: revoked (their service was preempted "
+            "or stopped) or expired (their client went silent)",
+            ["how"],
+            registry=reg,
+        )
         self.time_to_healthy = Histogram(
             "gpusm_time_to_healthy_seconds",
             "Start to healthy",
@@ -192,6 +201,9 @@ class Metrics:
         for event in events:
             self._after_seq = max(self._after_seq, event.seq)
             if event.stream == COORDINATOR_STREAM:
+                how = _LEASE_ENDS.get(event.type)
+                if how is not None:
+                    self.leases_ended.labels(how).inc()
                 continue
             self.transitions.labels(event.type).inc()
             service = event.stream

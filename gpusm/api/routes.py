@@ -27,9 +27,9 @@ from gpusm.api.state import ApiState
 from gpusm.domain.policy import Plan
 from gpusm.engine.coordinator import Coordinator
 from gpusm.ports import EventQuery
-from gpusm.results import PhaseResult, ServiceStatus, Status, StopNote
+from gpusm.results import PhaseResult, ReloadResult, ServiceStatus, Status, StopNote
 from gpusm.version import VERSION as __version__
-from gpusm.wire import EventPage, Health, Problem, Released, ReleasedAll, to_json
+from gpusm.wire import EventPage, Health, Problem, Released, ReleasedAll, Renewed, to_json
 
 __all__ = ["build_router", "problem_responses"]
 
@@ -166,7 +166,9 @@ def _write_routes(router: APIRouter, state: ApiState, coord: Any, write: dict[st
     )
     def phase(body: PhaseRequest, coord: Coord) -> Response:
         """Enter a phase: block until exactly its services are healthy for ``client``."""
-        result = coord.enter_phase(body.phase, body.client, body.timeout, body.priority)
+        result = coord.enter_phase(
+            body.phase, body.client, body.timeout, body.priority, state.config.api.lease_ttl_s
+        )
         state.metrics.observe_phase(result)
         return _json(result)
 
@@ -181,7 +183,7 @@ def _write_routes(router: APIRouter, state: ApiState, coord: Any, write: dict[st
     ) -> Response:
         """Make one service healthy for ``client``; its lease becomes just that service."""
         body = body or EnsureRequest()
-        result = coord.ensure_service(name, body.client, body.timeout)
+        result = coord.ensure_service(name, body.client, body.timeout, state.config.api.lease_ttl_s)
         state.metrics.observe_phase(result)
         return _json(result)
 
@@ -234,6 +236,30 @@ def _write_routes(router: APIRouter, state: ApiState, coord: Any, write: dict[st
         """Drop a client's lease; its services stay warm until their room is needed."""
         coord.release(body.client)
         return _json(Released(body.client))
+
+    @router.post(
+        "/gpu/reload",
+        response_model=ReloadResult,
+        responses=problem_responses(*_WRITE),
+        **write,
+    )
+    def reload(coord: Coord, body: Annotated[ActionRequest | None, Body()] = None) -> Response:
+        """Read the config file again and apply it without a restart (see README,
+        "Changing the config"); 422 ``reload-refused`` leaves the running config as it was."""
+        return _json(state.reload((body or ActionRequest()).by))
+
+    @router.post(
+        "/gpu/leases/renew",
+        response_model=Renewed,
+        responses=problem_responses(*_WRITE),
+        **write,
+    )
+    def renew(body: ReleaseRequest, coord: Coord) -> Response:
+        """The client is alive: its lease's TTL starts again (``renewed`` false: it has
+        none any more, it expired or was revoked)."""
+        renewed = coord.renew(body.client)
+        expires = coord.lease_expires_s(body.client) if renewed else None
+        return _json(Renewed(body.client, renewed, expires))
 
     @router.post(
         "/gpu/release-all",

@@ -20,7 +20,8 @@ from gpusm.api.metrics import Metrics
 from gpusm.api.problems import HttpProblem
 from gpusm.config import Config
 from gpusm.engine.coordinator import Coordinator
-from gpusm.errors import GpusmError
+from gpusm.errors import GpusmError, ReloadRefused
+from gpusm.results import ReloadResult
 from gpusm.wire import to_json
 
 __all__ = ["ApiState", "CoordinatorFactory"]
@@ -107,6 +108,16 @@ class ApiState:
             "the gpusm daemon is recovering (replay, observe, reconcile); retry shortly",
             {"Retry-After": "1"},
         )
+
+    def reload(self, by: str) -> ReloadResult:
+        """Read the config file again and apply it (see ``Coordinator.reload``); the API's
+        own settings (e.g. ``api.lease_ttl_s``) follow. ReloadRefused while recovering."""
+        coordinator = self.coordinator
+        if coordinator is None:
+            raise ReloadRefused("the daemon is still recovering; reload once it serves")
+        result = coordinator.reload(by=by)
+        self.config = coordinator.config
+        return result
 
     def start_recovery(self) -> None:
         """Open the coordinator in a background thread (once)."""

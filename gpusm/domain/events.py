@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "COORDINATOR_STREAM",
+    "ConfigReloaded",
     "EVENT_TYPES",
     "Adopted",
     "Crashed",
@@ -22,7 +23,9 @@ __all__ = [
     "Evicted",
     "GaveUp",
     "HealthPassed",
+    "LeaseExpired",
     "LeaseReleased",
+    "LeaseRevoked",
     "NewEvent",
     "OrphanReaped",
     "PhaseEntered",
@@ -164,6 +167,24 @@ class LeaseReleased(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LeaseRevoked(Event):
+    """A client's lease ended because a service of it was preempted or stopped; data
+    names the client, its phase, the service and why (coordinator stream)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseExpired(Event):
+    """A client was not heard from for its lease's ``ttl_s``; its lease ended
+    (coordinator stream)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigReloaded(Event):
+    """The config was replaced without a restart; data is the diff and the new config's
+    hash (coordinator stream)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Recovered(Event):
     """Recovery finished; data summarises what it corrected (coordinator stream)."""
 
@@ -188,6 +209,9 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         PhaseEntered,
         PrefetchAbandoned,
         LeaseReleased,
+        LeaseRevoked,
+        LeaseExpired,
+        ConfigReloaded,
         Recovered,
     )
 }

@@ -16,6 +16,7 @@ from functools import partial
 from gpusm.crashpoints import crash_point
 from gpusm.domain import events as ev
 from gpusm.domain import policy
+from gpusm.domain.pipeline import PrefetchLimits, next_uses
 from gpusm.domain.states import RUNNING_STATES, State
 from gpusm.engine.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
 from gpusm.engine.state import Engine
@@ -39,6 +40,9 @@ class Request:
     deadline: float
     requester: str
     prefetch: bool = False
+    # The phase the request is for (entered, or prefetched after): the pipeline's now.
+    phase: str | None = None
+    limits: PrefetchLimits | None = None
     started: list[str] = field(default_factory=list)
     stops: list[StopNote] = field(default_factory=list)
     # The start generation of each service this request started, to know its failures.
@@ -119,7 +123,7 @@ class Admission:
             return self._abandon(req, "a request is waiting for room")
         if not policy.is_my_turn(ticket, req.priority, self.waiting):
             return False
-        plan = self.plan(startable, req.client, req.priority, req.requester)
+        plan = self.plan(startable, req.client, req.priority, req.requester, req.phase, req.limits)
         if plan.fits and not plan.victims:
             self.waiting.pop(ticket, None)
             self._wanted.pop(ticket, None)
@@ -185,10 +189,21 @@ class Admission:
 
     # ------------------------------------------------------------ planning
     def plan(
-        self, names: Sequence[str], client: str | None, prio: int, requester: str = ""
+        self,
+        names: Sequence[str],
+        client: str | None,
+        prio: int,
+        requester: str = "",
+        phase: str | None = None,
+        limits: PrefetchLimits | None = None,
     ) -> policy.Plan:
-        """The policy's plan for starting ``names``, one device at a time, merged."""
+        """The policy's plan for starting ``names``, one device at a time, merged.
+
+        With ``phase`` in the pipeline, idle victims go by their next use (farthest
+        first) and load cost; ``limits`` are a prefetch's (see ``PrefetchLimits``).
+        """
         engine = self.engine
+        uses = self.next_uses(phase)
         plans = []
         for device in sorted({engine.config.services[n].gpu for n in names}):
             gpu, _, _ = engine.gpu_view(device)
@@ -196,14 +211,24 @@ class Admission:
             plans.append(
                 policy.plan_admission(
                     on_device,
-                    engine.views(device),
+                    engine.views(device, uses),
                     engine.other_leases(client),
                     gpu,
                     prio,
                     requester,
+                    pipeline=bool(uses),
+                    prefetch=limits,
                 )
             )
         return policy.merge_plans(plans)
+
+    def next_uses(self, phase: str | None) -> dict[str, int]:
+        """Service -> phases until the pipeline needs it after ``phase`` ({} if unknown)."""
+        cfg = self.engine.config
+        if phase is None or phase not in cfg.pipeline:
+            return {}
+        services = {name: p.services for name, p in cfg.phases.items()}
+        return next_uses(cfg.pipeline, services, phase)
 
     def _drains_suffice(self, plan: policy.Plan) -> bool:
         """Whether the services already draining free enough for ``plan`` on their own."""
@@ -286,7 +311,8 @@ class Admission:
             # Nothing changed since this prefetch last found no room: it still finds none.
             if self._prefetch_checked.get(upcoming) == engine.version:
                 return ()
-            plan = self.plan(missing, None, PREFETCH_PRIORITY, f"phase {upcoming}")
+            limits = self._limits(upcoming, after, missing)
+            plan = self.plan(missing, None, PREFETCH_PRIORITY, f"phase {upcoming}", after, limits)
             if not plan.fits:
                 self._prefetch_checked[upcoming] = engine.version
                 return ()
@@ -297,9 +323,22 @@ class Admission:
             deadline=engine.clock.monotonic() + self.default_timeout(needed),
             requester=f"phase {upcoming} (next after {after}, client {client})",
             prefetch=True,
+            phase=after,
+            limits=limits,
         )
         in_background(f"prefetch-{upcoming}", partial(self.ensure, req))
         return tuple(missing)
+
+    def _limits(self, upcoming: str, after: str, missing: Sequence[str]) -> PrefetchLimits:
+        """What a prefetch of ``upcoming`` (after ``after``) may evict: nothing needed
+        sooner, nothing dearer to start again than the load it hides (they start in
+        parallel: the slowest one's)."""
+        pipeline = self.engine.config.pipeline
+        distance = 1
+        if after in pipeline and upcoming in pipeline:
+            distance = (pipeline.index(upcoming) - pipeline.index(after)) % len(pipeline) or 1
+        saving = max((self.engine.slots[n].load_cost_s for n in missing), default=0.0)
+        return PrefetchLimits(distance, saving)
 
     def default_timeout(self, needed: Sequence[str]) -> float:
         """Room may have to be made first: one full stop and settle per service, then the

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -23,13 +24,21 @@ from gpusm.domain import policy
 from gpusm.domain.events import RecordedEvent
 from gpusm.domain.states import RUNNING_STATES, State
 from gpusm.engine.admission import Admission, Request
-from gpusm.engine.lifecycle import join_background
+from gpusm.engine.lifecycle import finish_stop, in_background, join_background
 from gpusm.engine.monitor import Monitor
 from gpusm.engine.reconcile import recover
+from gpusm.engine.reload import config_hash, loaded_at_text, reload_config, retire_stale
 from gpusm.engine.state import Engine, Lease
-from gpusm.errors import GpusmError
+from gpusm.errors import ConfigError, GpusmError, ReloadRefused
 from gpusm.ports import Clock, EventQuery, Handle
-from gpusm.results import DeviceStatus, PhaseResult, ServiceStatus, Status, StopNote
+from gpusm.results import (
+    DeviceStatus,
+    PhaseResult,
+    ReloadResult,
+    ServiceStatus,
+    Status,
+    StopNote,
+)
 
 __all__ = ["Coordinator", "Opener", "set_opener"]
 
@@ -62,6 +71,7 @@ class _Phase:
     release: bool = False
     # A pipeline phase prefetches the next GPU phase; a single-service ensure does not.
     pipelined: bool = True
+    ttl_s: float | None = None
 
 
 class Coordinator:
@@ -160,21 +170,62 @@ class Coordinator:
         client: str = "default",
         timeout: float | None = None,
         priority: int | None = None,
+        lease_ttl_s: float | None = None,
     ) -> PhaseResult:
-        """Make exactly ``name``'s services healthy for ``client``; block until they are."""
+        """Make exactly ``name``'s services healthy for ``client``; block until they are.
+
+        ``client`` then holds the phase's services (its lease) until it enters another
+        phase, releases, or the lease ends: revoked when a service of it is preempted or
+        stopped (the next result says why), or, with ``lease_ttl_s``, expired when the
+        client is not heard from (any call, or :meth:`renew`) for that long.
+        """
         phase = self._engine.config.phase(name)
-        return self._enter(
-            _Phase(name, list(phase.services), phase.release), client, timeout, priority
-        )
+        request = _Phase(name, list(phase.services), phase.release, ttl_s=lease_ttl_s)
+        return self._enter(request, client, timeout, priority)
 
     def ensure_service(
-        self, name: str, client: str = "default", timeout: float | None = None
+        self,
+        name: str,
+        client: str = "default",
+        timeout: float | None = None,
+        lease_ttl_s: float | None = None,
     ) -> PhaseResult:
         """Make one service healthy for ``client`` (its lease becomes just that service)."""
         self._engine.config.service(name)
-        return self._enter(
-            _Phase(f"service:{name}", [name], pipelined=False), client, timeout, None
-        )
+        request = _Phase(f"service:{name}", [name], pipelined=False, ttl_s=lease_ttl_s)
+        return self._enter(request, client, timeout, None)
+
+    def renew(self, client: str) -> bool:
+        """``client`` is alive: its lease's TTL starts again. False if it holds no lease
+        (it expired or was revoked: enter the phase again)."""
+        with self._engine.cond:
+            return self._engine.leases.renew(client)
+
+    def reload(self, config: Config | None = None, by: str = "api") -> ReloadResult:
+        """Replace the running config by ``config`` (default: the file it was read from,
+        read again) without a restart; see :mod:`gpusm.engine.reload` for what each change
+        does. ReloadRefused, with the running config unchanged, if the file is invalid or
+        changes what only a restart can."""
+        if config is None:
+            source = self._engine.config.source
+            if source is None:
+                raise ReloadRefused("this coordinator's config was not read from a file")
+            try:
+                config = load_config(source)
+            except ConfigError as exc:
+                raise ReloadRefused(str(exc)) from exc
+        result = reload_config(self._engine, config, by)
+        with self._engine.decision():
+            stale = retire_stale(self._engine)
+        for slot in stale:
+            in_background(f"stop-{slot.name}", partial(finish_stop, self._engine, slot))
+        return result
+
+    def lease_expires_s(self, client: str) -> float | None:
+        """Seconds until ``client``'s lease expires unheard-from; None if it has no TTL
+        (or no lease)."""
+        with self._engine.cond:
+            return self._engine.leases.expires_in(client)
 
     def _enter(
         self, phase: _Phase, client: str, timeout: float | None, priority: int | None
@@ -201,7 +252,9 @@ class Coordinator:
             free_before = engine.free_mib(self._device_of(needed))
             ready = all(engine.slots[n].state is State.HEALTHY for n in needed)
             prio = policy.request_priority(needed, engine.views(), priority)
-            engine.set_lease(client, Lease(phase.name, frozenset(needed), prio))
+            revoked = engine.leases.take_revocation(client)
+            lease = Lease(phase.name, frozenset(needed), prio, phase.ttl_s)
+            engine.leases.hold(client, lease)
             engine.note(
                 ev.PhaseEntered(
                     data={
@@ -221,9 +274,13 @@ class Coordinator:
             stops += self._release_others(needed, client, phase.name, deadline)
         requester = f"client {client}, phase {phase.name}"
         started, evicted = self._admission.ensure(
-            Request(needed, client, prio, deadline, requester)
+            Request(needed, client, prio, deadline, requester, phase=phase.name)
         )
         stops += evicted
+        with engine.cond:
+            if client not in engine.leases:
+                # Revoked or expired while it waited: it is in this phase now all the same.
+                engine.leases.hold(client, lease)
         # Already in place and nothing stopped: this request changed nothing on the GPU.
         unchanged = ready and not started and not stops
         free_after = free_before if unchanged else engine.free_mib(self._device_of(needed))
@@ -241,6 +298,7 @@ class Coordinator:
             free_before_mib=free_before,
             free_after_mib=free_after,
             prefetching=prefetching,
+            lease_revoked=revoked,
         )
 
     def _next_gpu_phase(self, phase: str) -> str | None:
@@ -267,7 +325,7 @@ class Coordinator:
     def release(self, client: str = "default") -> None:
         """Drop ``client``'s lease; its services stay warm until their room is needed."""
         with self._engine.cond:
-            lease = self._engine.drop_lease(client)
+            lease = self._engine.leases.drop(client)
             if lease is not None:
                 self._engine.note(ev.LeaseReleased(data={"client": client, "phase": lease.phase}))
             self._engine.cond.notify_all()
@@ -293,8 +351,10 @@ class Coordinator:
         self._admission.ensure(Request([name], None, slot.config.priority, deadline, requester))
 
     def stop_service(self, name: str, by: str = "api") -> StopNote:
-        """Stop one service now (leases that hold it find it stopped)."""
+        """Stop one service now; the leases that hold it are revoked."""
         self._engine.config.service(name)
+        with self._engine.cond:
+            self._engine.revoke(name, f"{name} was stopped by {by}")
         deadline = self._engine.clock.monotonic() + self._admission.default_timeout([])
         return self._admission.stop_and_wait(
             [name], f"stop requested by {by}", by, deadline, "stop"
@@ -335,7 +395,8 @@ class Coordinator:
                 device = self._device_of(needed)
                 gpu = engine.gpu_view(device)[0]
                 return policy.plan_admission([], engine.views(device), {}, gpu, prio)
-            return self._admission.plan(missing, client, prio, f"client {client}, phase {name}")
+            requester = f"client {client}, phase {name}"
+            return self._admission.plan(missing, client, prio, requester, name)
 
     def events(self, query: EventQuery | None = None) -> list[RecordedEvent]:
         """Events from the log (see :class:`gpusm.ports.EventQuery`); all when None."""
@@ -369,7 +430,11 @@ class Coordinator:
                 for s in engine.slots.values()
             )
             leases = {c: lease.phase for c, lease in engine.leases.items()}
-        return Status(self.recovered, devices, services, leases)
+            expiry = {c: engine.leases.expires_in(c) for c in leases}
+            expires = {c: round(s, 3) for c, s in expiry.items() if s is not None}
+            loaded = loaded_at_text(engine.loaded_at)
+            config = config_hash(engine.config)
+        return Status(self.recovered, devices, services, leases, expires, config, loaded)
 
     def instances(self) -> dict[str, Handle]:
         """The running instance of each service that has one (pid and create time, or

@@ -71,6 +71,7 @@ def join_background(timeout_s: float) -> None:
 
 def begin_start(engine: Engine, slot: Slot, data: dict[str, Any]) -> None:
     """Commit ``StartRequested`` and take ownership (caller holds the lock)."""
+    slot.apply_pending()  # a start always runs the newest config
     slot.claim_start(engine.clock.monotonic())
     try:
         engine.record(slot, ev.StartRequested(data={**data, **engine.vram_data(slot.config.gpu)}))
@@ -137,6 +138,7 @@ def _run_start(engine: Engine, slot: Slot) -> None:
         if slot.state is State.STARTING and result.ok:
             slot.touch(engine.clock.monotonic())
             elapsed = engine.clock.monotonic() - slot.start_times[-1]
+            slot.learn_load(elapsed)
             engine.record(
                 slot,
                 ev.HealthPassed(
@@ -150,18 +152,24 @@ def _run_start(engine: Engine, slot: Slot) -> None:
         finish_stop(engine, slot)
         return
     reason = result.reason or "health check failed"
+    code = runtime.exit_code(handle) if not runtime.is_alive(handle) else None
+    if code is not None:
+        reason = f"{reason}; exit code {code}"
     log = _log_tail(engine, slot)
     _stop_quietly(engine, slot)
-    _start_failed(engine, slot, f"{reason}{log}")
+    _start_failed(engine, slot, f"{reason}{log}", exit_code=code)
     raise GpusmError(f"service {slot.name!r} failed to start: {reason}")
 
 
-def _start_failed(engine: Engine, slot: Slot, reason: str) -> None:
+def _start_failed(engine: Engine, slot: Slot, reason: str, exit_code: int | None = None) -> None:
     with engine.cond:
         slot.detach(error=reason)
         if slot.state is State.STARTING:
             # STARTING -> STOPPED
-            engine.record(slot, ev.StartFailed(data={"reason": reason}))
+            data: dict[str, Any] = {"reason": reason}
+            if exit_code is not None:
+                data["exit_code"] = exit_code
+            engine.record(slot, ev.StartFailed(data=data))
         elif slot.state is State.DRAINING:
             # DRAINING -> STOPPED: drained while it was failing to start
             engine.record(slot, ev.Stopped(data={"reason": f"start aborted: {reason}"}))
@@ -283,3 +291,7 @@ def _wait_lease_released(engine: Engine, slot: Slot) -> None:
             if left <= 0:
                 break
             engine.cond.wait(min(left, 0.5))
+        # Whoever still holds it loses its lease: a lease on a stopped service would make
+        # the service look in use the next time it runs for someone else.
+        timeout = slot.config.drain_timeout_s
+        engine.revoke(slot.name, f"{slot.name} was preempted (drain_timeout_s {timeout:g} passed)")

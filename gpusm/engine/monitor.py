@@ -19,6 +19,7 @@ from gpusm.domain import events as ev
 from gpusm.domain import policy
 from gpusm.domain.states import State
 from gpusm.engine.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
+from gpusm.engine.reload import retire_stale
 from gpusm.engine.state import Engine, Slot
 from gpusm.engine.sweep import SWEEP_INTERVAL_S, sweep
 from gpusm.errors import GpusmError
@@ -75,7 +76,15 @@ class Monitor:
                 self._check_slot(slot)
             except GpusmError:
                 continue
-        for step in (self._observe_vram, self._restart_due, self._expire_idle, self._sweep_due):
+        steps = (
+            self._expire_leases,
+            self._retire_stale,
+            self._observe_vram,
+            self._restart_due,
+            self._expire_idle,
+            self._sweep_due,
+        )
+        for step in steps:
             try:
                 step()
             except GpusmError:
@@ -189,6 +198,17 @@ class Monitor:
                 if slot.state is State.STOPPED and not slot.busy:
                     self._schedule_restart(slot)
             raise
+
+    def _retire_stale(self) -> None:
+        with self.engine.decision():
+            stale = retire_stale(self.engine)
+        for slot in stale:
+            in_background(f"stop-{slot.name}", partial(finish_stop, self.engine, slot))
+
+    def _expire_leases(self) -> None:
+        with self.engine.cond:
+            if self.engine.expire_leases():
+                self.engine.cond.notify_all()
 
     def _sweep_due(self) -> None:
         now = self.engine.clock.monotonic()

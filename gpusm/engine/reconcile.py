@@ -33,7 +33,7 @@ from gpusm.domain.states import ACTIVE_STATES, State
 from gpusm.engine.lifecycle import finish_stop
 from gpusm.engine.state import Engine, Slot
 from gpusm.errors import GpusmError
-from gpusm.ports import Handle
+from gpusm.ports import EventQuery, Handle
 
 __all__ = ["reap", "recover"]
 
@@ -83,11 +83,40 @@ def _restore(engine: Engine, slot: Slot, machine: ServiceMachine) -> None:
     peak = engine.last_event(slot.name, ["VramObserved"])
     peak_mib = int(peak.data.get("peak_mib", 0)) if peak is not None else 0
     slot.restore(machine, handle, peak_mib, engine.clock.monotonic())
+    _restore_history(engine, slot)
+    loads = engine.store.read(
+        EventQuery(stream=slot.name, types=["HealthPassed"], newest_first=True, limit=9)
+    )
+    for passed in reversed(loads):
+        seconds = passed.data.get("time_to_healthy_s")
+        if isinstance(seconds, int | float):
+            slot.learn_load(float(seconds))
     started = engine.last_event(slot.name, ["StartRequested"])
     if started is not None and slot.state is State.STARTING:
         # The original deadline, carried over from wall time to this process's timers.
         elapsed = (engine.clock.now() - started.at).total_seconds()
         slot.resume_start(engine.clock.monotonic() - elapsed)
+
+
+# Events that say how a service's last start or run ended.
+_OUTCOMES = ("StartRequested", "HealthPassed", "StartFailed", "Crashed", "GaveUp", "Stopped")
+_FAILURES = ("StartFailed", "Crashed", "GaveUp")
+
+
+def _restore_history(engine: Engine, slot: Slot) -> None:
+    """Time in state and the last error from the log, not from this process's memory."""
+    recent = engine.store.read(EventQuery(stream=slot.name, newest_first=True, limit=32))
+    moved = next((e for e in recent if e.from_state != e.to_state), None)
+    if moved is not None:
+        ago = (engine.clock.now() - moved.at).total_seconds()
+        slot.state_since = engine.clock.monotonic() - max(0.0, ago)
+    outcome = next((e for e in recent if e.type in _OUTCOMES), None)
+    if outcome is None:
+        return
+    if outcome.type in _FAILURES:
+        slot.fail(str(outcome.data.get("reason") or outcome.type))
+    elif outcome.type == "Stopped" and outcome.data.get("error"):
+        slot.fail(str(outcome.data["error"]))
 
 
 def _orphans(engine: Engine) -> list[Handle]:
@@ -113,6 +142,9 @@ def _alive(engine: Engine, slot: Slot) -> bool:
 
 def _reconcile(engine: Engine, slot: Slot, extra: list[Handle]) -> list[str]:
     state = slot.state
+    handle = slot.handle
+    if state in (State.STARTING, State.HEALTHY) and handle and handle.kind != slot.config.runtime:
+        return [_retire(engine, slot, handle.kind)]
     if state is State.STOPPED or (state is State.STARTING and slot.handle is None):
         return _adopt_or_reap(engine, slot, extra)
     if state is State.STARTING:
@@ -148,9 +180,27 @@ def _reconcile(engine: Engine, slot: Slot, extra: list[Handle]) -> list[str]:
     return []
 
 
+def _retire(engine: Engine, slot: Slot, kind: str) -> str:
+    """The instance runs under another runtime than the config names now: stop it through
+    the runtime that started it; the next start uses the new one."""
+    reason = f"its runtime changed from {kind} to {slot.config.runtime}"
+    if not _alive(engine, slot):
+        return _crashed(engine, slot, f"found dead on recovery ({reason})")
+    # STARTING | HEALTHY -> DRAINING -> STOPPED
+    engine.record(slot, ev.DrainRequested(data={"reason": reason, "by": "recovery"}))
+    slot.claim()
+    try:
+        finish_stop(engine, slot)
+    except GpusmError as exc:
+        return f"{slot.name}: stop after a runtime change finished with an error: {exc}"
+    return f"{slot.name}: stopped, {reason}"
+
+
 def _adopt_or_reap(engine: Engine, slot: Slot, extra: list[Handle]) -> list[str]:
     was_starting = slot.state is State.STARTING
     for handle in extra:
+        if handle.kind != slot.config.runtime:
+            continue  # started under another runtime than the config names: reaped below
         if (
             engine.runtime_of(handle).is_alive(handle)
             and engine.health.probe(slot.config.health).ok

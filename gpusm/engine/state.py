@@ -10,16 +10,19 @@ the in-memory state is trusted: if the append fails, the state is rolled back.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpusm.config import Config, ServiceConfig
+from gpusm.domain import events as ev
 from gpusm.domain import policy
 from gpusm.domain.events import COORDINATOR_STREAM, Event, NewEvent, RecordedEvent, ServiceEvent
 from gpusm.domain.machine import ServiceMachine
+from gpusm.domain.pipeline import typical_load_s
 from gpusm.domain.states import ACTIVE_STATES, State
+from gpusm.engine.leases import Lease, LeaseBook
 from gpusm.errors import GpuProbeError, GpusmError, ServiceRuntimeError
 from gpusm.ports import (
     Clock,
@@ -33,6 +36,9 @@ from gpusm.ports import (
 )
 
 __all__ = ["Engine", "Lease", "Slot"]
+
+# Measured loads a service remembers (their median is its load cost).
+_LOAD_SAMPLES = 9
 
 
 @dataclass
@@ -61,6 +67,12 @@ class Slot:
     # Incremented by every StartRequested, so a request knows whether a failure is its own.
     generation: int = 0
     start_deadline: float = 0.0
+    # The latest measured times from start to healthy, newest last.
+    load_samples: list[float] = field(default_factory=list)
+    # A reloaded config waiting for the running instance to stop (None: none waiting).
+    pending: ServiceConfig | None = None
+    # Removed from the config by a reload: dropped once stopped.
+    removed: bool = False
 
     @property
     def name(self) -> str:
@@ -110,6 +122,20 @@ class Slot:
         """Remember why the service cannot serve, for requests and status."""
         self.last_error = reason
 
+    @property
+    def stale(self) -> bool:
+        """Whether a reload changed or removed it while it ran (it must stop first)."""
+        return self.pending is not None or self.removed
+
+    def apply_pending(self) -> bool:
+        """Take the reloaded config, if one waits and nothing runs; True if it did."""
+        if self.pending is None or self.state is not State.STOPPED or self.busy:
+            return False
+        self.config, self.pending = self.pending, None
+        self.learned_peak_mib = 0  # a changed service may be another size now
+        self.load_samples = []
+        return True
+
     # ------------------------------------------------------------ health and use
     def touch(self, now: float) -> None:
         """The service was just needed (for least-recently-used ordering)."""
@@ -119,6 +145,15 @@ class Slot:
         """Record one liveness probe; returns the consecutive failures so far."""
         self.health_failures = 0 if ok else self.health_failures + 1
         return self.health_failures
+
+    def learn_load(self, seconds: float) -> None:
+        """One more measured time from start to healthy (the last few are kept)."""
+        self.load_samples = [*self.load_samples, seconds][-_LOAD_SAMPLES:]
+
+    @property
+    def load_cost_s(self) -> float:
+        """What starting it costs: the median measured load, else the declared ``load_s``."""
+        return typical_load_s(self.load_samples, self.config.load_s)
 
     def learn_peak(self, used_mib: int) -> bool:
         """Raise the learned peak to ``used_mib``; True if it grew."""
@@ -150,15 +185,6 @@ class Slot:
         self.start_deadline = started_at + self.config.health.timeout_s
 
 
-@dataclass(frozen=True)
-class Lease:
-    """A client's current phase: the services it needs and the priority it asked with."""
-
-    phase: str
-    services: frozenset[str]
-    priority: int
-
-
 class Engine:
     """Config, adapters, per-service slots, leases and the lock that orders them."""
 
@@ -171,8 +197,11 @@ class Engine:
         runtimes: Mapping[str, Runtime],
         health: HealthCheck,
         clock: Clock,
+        open_runtime: Callable[[str], Runtime] | None = None,
     ) -> None:
         self.config = config
+        self.loaded_at = clock.now()
+        self._open_runtime = open_runtime
         self.store = store
         self.probe = probe
         self.runtimes = dict(runtimes)
@@ -183,13 +212,18 @@ class Engine:
             name: Slot(config=svc, machine=ServiceMachine(name))
             for name, svc in config.services.items()
         }
-        self.leases: dict[str, Lease] = {}
+        self.leases = LeaseBook(clock)
         self.coordinator_version = 0
         self.closed = False
-        # Bumped by every service transition and lease change: "has anything changed?"
-        self.version = 0
+        # Bumped by every service transition (see ``version``).
+        self._transitions = 0
         # The GPU readings of each thread's decision in progress (see :meth:`decision`).
         self._local = threading.local()
+
+    @property
+    def version(self) -> int:
+        """Moves with every service transition and every change of who holds what."""
+        return self._transitions + self.leases.version
 
     # ------------------------------------------------------------ recording
     def record(self, slot: Slot, event: ServiceEvent) -> RecordedEvent:
@@ -205,7 +239,7 @@ class Engine:
                 raise
             if new.from_state != new.to_state:
                 slot.state_since = self.clock.monotonic()
-            self.version += 1
+            self._transitions += 1
             readings = self._readings
             if readings is not None:
                 # Who is active changed: attribute the GPU's pids afresh.
@@ -239,16 +273,21 @@ class Engine:
         """The runtime of ``slot``'s running instance, else the one its config names."""
         if slot.handle is not None:
             return self.runtime_of(slot.handle)
-        return self.runtimes[slot.config.runtime]
+        return self._runtime_of_kind(slot.config.runtime, slot.name)
 
     def runtime_of(self, handle: Handle) -> Runtime:
-        """The runtime that started ``handle`` (whatever the config says today)."""
-        try:
-            return self.runtimes[handle.kind]
-        except KeyError:
-            raise ServiceRuntimeError(
-                handle.service, f"its instance runs under runtime {handle.kind!r}, not loaded"
-            ) from None
+        """The runtime that started ``handle`` (whatever the config says today); one the
+        config no longer uses is opened on demand, so its instance can still be seen and
+        stopped."""
+        return self._runtime_of_kind(handle.kind, handle.service)
+
+    def _runtime_of_kind(self, kind: str, service: str) -> Runtime:
+        runtime = self.runtimes.get(kind)
+        if runtime is None and self._open_runtime is not None:
+            runtime = self.runtimes[kind] = self._open_runtime(kind)
+        if runtime is None:
+            raise ServiceRuntimeError(service, f"runtime {kind!r} is not loaded")
+        return runtime
 
     @contextmanager
     def decision(self) -> Iterator[None]:
@@ -344,8 +383,12 @@ class Engine:
         )
         return view, snap, owners
 
-    def views(self, device: int | None = None) -> dict[str, policy.ServiceView]:
-        """Policy views of the services on ``device`` (all when None)."""
+    def views(
+        self, device: int | None = None, next_use: Mapping[str, int] | None = None
+    ) -> dict[str, policy.ServiceView]:
+        """Policy views of the services on ``device`` (all when None); ``next_use`` gives
+        each service's distance to its next use in the pipeline, when known."""
+        uses = next_use or {}
         return {
             name: policy.ServiceView(
                 name=name,
@@ -355,31 +398,40 @@ class Engine:
                 priority=slot.config.priority,
                 last_used=slot.last_used,
                 idle_ttl_s=slot.config.idle_ttl_s,
+                next_use=uses.get(name),
+                load_cost_s=slot.load_cost_s,
             )
             for name, slot in self.slots.items()
             if device is None or slot.config.gpu == device
         }
 
-    def set_lease(self, client: str, lease: Lease) -> None:
-        """``client`` now holds ``lease`` (caller holds the lock)."""
-        if self.leases.get(client) != lease:
-            self.leases[client] = lease
-            self.version += 1
+    def revoke(self, service: str, reason: str) -> list[str]:
+        """End every lease that holds ``service`` (``LeaseRevoked``); returns the clients."""
+        ended = []
+        for client in self.leases.holders(service):
+            lease = self.leases.revoke(client, reason)
+            if lease is not None:
+                data = {"client": client, "phase": lease.phase, "service": service}
+                self.note(ev.LeaseRevoked(data={**data, "reason": reason}))
+                ended.append(client)
+        return ended
 
-    def drop_lease(self, client: str) -> Lease | None:
-        """``client`` holds nothing any more; returns what it held (caller holds the lock)."""
-        lease = self.leases.pop(client, None)
-        if lease is not None:
-            self.version += 1
-        return lease
+    def expire_leases(self) -> list[str]:
+        """End the leases whose client was not heard from for their TTL (``LeaseExpired``)."""
+        ended = []
+        for client, lease, silent in self.leases.expired():
+            data = {"client": client, "phase": lease.phase, "ttl_s": lease.ttl_s}
+            self.note(ev.LeaseExpired(data={**data, "silent_s": round(silent, 3)}))
+            ended.append(client)
+        return ended
 
     def other_leases(self, client: str | None) -> dict[str, frozenset[str]]:
         """Services held by each client other than ``client``."""
-        return {c: lease.services for c, lease in self.leases.items() if c != client}
+        return self.leases.others(client)
 
     def leased(self) -> set[str]:
         """Every service some client's current phase holds."""
-        return {name for lease in self.leases.values() for name in lease.services}
+        return self.leases.leased()
 
     def free_mib(self, device: int = 0) -> int | None:
         """Driver-reported free MiB of ``device``, or None if the GPU cannot be read."""

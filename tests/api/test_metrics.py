@@ -93,6 +93,9 @@ def test_fold_counts_preemptions_and_ignores_odd_data() -> None:
             RecordedEvent("tts", 3, "Preempted", at, "healthy", "draining", {}, seq=5),
             RecordedEvent("tts", 4, "Stopped", at, "draining", "stopped", {"stop_s": True}, seq=6),
             RecordedEvent("coordinator", 1, "PhaseEntered", at, None, None, {}, seq=7),
+            RecordedEvent("coordinator", 2, "LeaseRevoked", at, None, None, {}, seq=8),
+            RecordedEvent("coordinator", 3, "LeaseExpired", at, None, None, {}, seq=9),
+            RecordedEvent("coordinator", 4, "LeaseExpired", at, None, None, {}, seq=10),
         ]
     )
     metrics.catch_up()  # no coordinator: nothing to read, nothing breaks
@@ -101,3 +104,5 @@ def test_fold_counts_preemptions_and_ignores_odd_data() -> None:
     assert 'gpusm_transitions_total{type="Stopped"} 1.0' in text
     assert "gpusm_stop_seconds_count" not in text
     assert "PhaseEntered" not in text
+    assert 'gpusm_leases_ended_total{how="revoked"} 1.0' in text
+    assert 'gpusm_leases_ended_total{how="expired"} 2.0' in text

@@ -18,6 +18,7 @@ from gpusm.errors import (
     GpusmError,
     IllegalTransition,
     InsufficientVram,
+    ReloadRefused,
     RequestTimeout,
     ServiceRuntimeError,
     ServiceStartFailed,
@@ -47,6 +48,7 @@ ROUND_TRIPS = [
     (GpuProbeError("NVML lost the GPU"), 503),
     (StoreError("disk full"), 500),
     (CoordinatorBusy("owned by pid 1"), 503),
+    (ReloadRefused("the new config changes api.listen: that needs a restart"), 422),
     (GpusmError("the coordinator is closed"), 409),
 ]
 

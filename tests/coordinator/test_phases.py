@@ -176,6 +176,7 @@ def test_a_service_that_cannot_start_fails_the_phase_with_its_reason(
     coordinator = open_coordinator(write_config(tmp_path, doc))
     with pytest.raises(ServiceStartFailed, match="vidi") as info:
         coordinator.enter_phase("analysis", client="w", timeout=15)
-    assert "exited" in str(info.value) or "failed" in str(info.value)
+    assert "exit code 3" in str(info.value)
     assert state_of(coordinator, "vidi") == State.STOPPED.value
-    assert coordinator.events(EventQuery(stream="vidi", types=["StartFailed"]))
+    failed = coordinator.events(EventQuery(stream="vidi", types=["StartFailed"]))
+    assert failed[-1].data["exit_code"] == 3

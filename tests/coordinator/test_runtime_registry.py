@@ -99,3 +99,66 @@ def test_a_kind_nobody_registered_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="no runtime 'inmem' is registered"):
         open_coordinator(_config(tmp_path), monitor=False)
+
+
+def test_an_instance_of_a_runtime_the_config_no_longer_names_is_stopped_through_its_own(
+    tmp_path: Path,
+) -> None:
+    old, new = MemoryRuntime(kind="old-kind"), MemoryRuntime(kind="new-kind")
+
+    def registry_entry(machine: MemoryRuntime) -> RuntimeFactory:
+        return lambda ctx: machine.reopen()
+
+    registry = {**RUNTIMES, "old-kind": registry_entry(old), "new-kind": registry_entry(new)}
+
+    def config_with(kind: str) -> Config:
+        config = _config(tmp_path)
+        tts = config.services["tts"].model_copy(update={"runtime": kind})
+        return config.model_copy(update={"services": {"tts": tts}})
+
+    with open_coordinator(config_with("old-kind"), monitor=False, registry=registry) as first:
+        first.enter_phase("speak", client="w", timeout=20)
+        running = first.instances()["tts"]
+    assert old.is_alive(running)
+
+    # Restarted with the service switched to another runtime: the old instance is stopped
+    # through the runtime that started it (nothing left behind), the new one starts anew.
+    with open_coordinator(config_with("new-kind"), monitor=False, registry=registry) as second:
+        assert old.live() == []
+        drained = second.events(EventQuery(stream="tts", types=["DrainRequested"]))[-1]
+        assert drained.data["reason"] == "its runtime changed from old-kind to new-kind"
+        stopped = second.events(EventQuery(stream="tts", types=["Stopped"]))[-1]
+        assert stopped.data["vram_reclaimed"] is True
+        result = second.enter_phase("speak", client="w", timeout=20)
+        assert result.started == ("tts",)
+        assert second.instances()["tts"].kind == "new-kind"
+        second.stop_service("tts", by="test")
+    assert new.live() == []
+
+
+def test_a_reload_that_switches_the_runtime_stops_through_the_old_and_starts_the_new(
+    tmp_path: Path,
+) -> None:
+    old, new = MemoryRuntime(kind="old-kind"), MemoryRuntime(kind="new-kind")
+    registry = {
+        **RUNTIMES,
+        "old-kind": lambda ctx: old.reopen(),
+        "new-kind": lambda ctx: new.reopen(),
+    }
+
+    def config_with(kind: str) -> Config:
+        config = _config(tmp_path)
+        tts = config.services["tts"].model_copy(update={"runtime": kind})
+        return config.model_copy(update={"services": {"tts": tts}})
+
+    with open_coordinator(config_with("old-kind"), monitor=False, registry=registry) as coord:
+        coord.start_service("tts", by="test")  # runs for nobody: a reload may stop it now
+        running = coord.instances()["tts"]
+        assert coord.reload(config_with("new-kind"), by="test").changed == ("tts",)
+        assert coord.wait_settled(10)
+        assert not old.is_alive(running)
+        assert old.live() == []
+        assert coord.enter_phase("speak", client="w", timeout=20).started == ("tts",)
+        assert coord.instances()["tts"].kind == "new-kind"
+        coord.stop_service("tts", by="test")
+    assert new.live() == []
