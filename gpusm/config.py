@@ -12,6 +12,7 @@ ConfigError; :func:`require_services` refuses a config that defines no services.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -165,6 +166,12 @@ class ServiceConfig(_Strict):
     def published_ports(self) -> set[int]:
         """Host ports the runtime binds for this service (beyond its health check's)."""
         return set()
+
+    def fingerprint(self) -> str:
+        """A short hash of this service's config, recorded with each start: recovery
+        compares it with the config it runs now to find instances that are stale."""
+        text = self.model_dump_json(warnings=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def resolved(self, base: Path) -> ServiceConfig:
         """This service with its relative paths made absolute against ``base``."""

@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from typing import Final
 
-__all__ = ["CRASH_EXIT_CODE", "CRASH_POINTS", "crash_point"]
+__all__ = ["CRASH_EXIT_CODE", "CRASH_POINTS", "RELOAD_CRASH_POINTS", "crash_point"]
 
 CRASH_EXIT_CODE: Final = 77
 
@@ -32,6 +32,12 @@ CRASH_POINTS: Final[tuple[str, ...]] = (
     "after_signal",
     # A victim was stopped for a request, the winner not yet started.
     "mid_preemption",
+)
+
+# Reached only by a config reload (the crash sweep's scenario does not reload).
+RELOAD_CRASH_POINTS: Final[tuple[str, ...]] = (
+    # ConfigReloaded committed, the services it made stale not yet stopped.
+    "after_config_reloaded",
 )
 
 _seen: Counter[str] = Counter()

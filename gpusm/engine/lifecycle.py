@@ -74,7 +74,9 @@ def begin_start(engine: Engine, slot: Slot, data: dict[str, Any]) -> None:
     slot.apply_pending()  # a start always runs the newest config
     slot.claim_start(engine.clock.monotonic())
     try:
-        engine.record(slot, ev.StartRequested(data={**data, **engine.vram_data(slot.config.gpu)}))
+        vram = engine.vram_data(slot.config.gpu)
+        fingerprint = {"config": slot.config.fingerprint()}
+        engine.record(slot, ev.StartRequested(data={**data, **fingerprint, **vram}))
     except BaseException:
         slot.release()
         raise

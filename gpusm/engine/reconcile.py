@@ -92,6 +92,11 @@ def _restore(engine: Engine, slot: Slot, machine: ServiceMachine) -> None:
         if isinstance(seconds, int | float):
             slot.learn_load(float(seconds))
     started = engine.last_event(slot.name, ["StartRequested"])
+    recorded = started.data.get("config") if started is not None else None
+    if slot.state in ACTIVE_STATES and recorded and recorded != slot.config.fingerprint():
+        # Started with another config than the one in force now (a reload or an edit
+        # the crash or restart cut short): it keeps serving, and restarts once idle.
+        slot.pending = slot.config
     if started is not None and slot.state is State.STARTING:
         # The original deadline, carried over from wall time to this process's timers.
         elapsed = (engine.clock.now() - started.at).total_seconds()

@@ -18,6 +18,7 @@ import hashlib
 from datetime import datetime
 
 from gpusm.config import Config
+from gpusm.crashpoints import crash_point
 from gpusm.domain import events as ev
 from gpusm.domain.machine import ServiceMachine
 from gpusm.domain.states import State
@@ -98,6 +99,7 @@ def reload_config(engine: Engine, new: Config, by: str) -> ReloadResult:
             engine.slots[name].removed = True
             engine.revoke(name, f"{name} was removed from the config by {by}")
         engine.note(ev.ConfigReloaded(data={**_data(result), "by": by}))
+        crash_point("after_config_reloaded")
         engine.cond.notify_all()
         return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,3 +45,49 @@ def test_reload_over_http_applies_a_valid_file_and_refuses_a_bad_one(
         assert http.get("/gpu/status").json()["lease_expires_s"]["w"] <= 5
 
         assert httpx.post(f"{server.url}/gpu/reload").status_code == 401
+
+
+def test_the_daemon_keeps_answering_100_status_readers_through_a_reload(
+    serve: Callable[..., ThreadedServer], tmp_path: Path
+) -> None:
+    doc = seed_config(tmp_path)
+    path = write_config(tmp_path, doc)
+    server = serve(path)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+        http.post("/gpu/phase", json={"phase": "tts", "client": "w"}).raise_for_status()
+        pid = _pid(http, "cosyvoice")
+    start = threading.Barrier(101)
+    answers: list[int] = []
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                start.wait(timeout=30)
+                for _ in range(5):  # bounded: 500 reads in all
+                    answers.append(client.get("/gpu/status").status_code)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(100)]
+    for thread in readers:
+        thread.start()
+    new = copy.deepcopy(doc)
+    new["services"]["vidi"]["priority"] = 39
+    write_config(tmp_path, new)
+    start.wait(timeout=30)
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+        reloaded = http.post("/gpu/reload")
+        for thread in readers:
+            thread.join(timeout=60)
+        assert reloaded.status_code == 200, reloaded.text
+        assert errors == []
+        assert answers == [200] * 500
+        assert _pid(http, "cosyvoice") == pid  # unchanged: the same process
+
+
+def _pid(http: httpx.Client, name: str) -> int:
+    services = http.get("/gpu/status").json()["services"]
+    found: int = next(s["pid"] for s in services if s["name"] == name)
+    return found

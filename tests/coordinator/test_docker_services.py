@@ -268,3 +268,62 @@ def test_native_runtime_never_reports_a_containers_processes_as_its_orphans(
     assert handle.kind == "docker"
     native = build_runtimes(coordinator.config)["native"].find_orphans()
     assert [h for h in native if h.instance == handle.instance] == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+
+
+def test_a_service_switched_between_native_and_docker_leaves_nothing_behind(
+    tmp_path: Path, docker_config: WriteConfig, open_coordinator: Open
+) -> None:
+    native_doc = mixed_seed_config(tmp_path, docker={}, pipeline=[])
+    docker_doc = {**native_doc, "services": dict(native_doc["services"])}
+    docker_doc["services"]["cosyvoice"] = mixed_seed_config(
+        tmp_path, docker={"cosyvoice": {}}, pipeline=[]
+    )["services"]["cosyvoice"]
+    sim = None
+
+    def reopen(doc: dict[str, Any]) -> Coordinator:
+        return open_coordinator(docker_config(tmp_path, doc))
+
+    # native -> docker across a daemon restart (closed without stopping services)
+    first = reopen(native_doc)
+    first.enter_phase("tts", client="w", timeout=60)
+    pid = first.instances()["cosyvoice"].pid
+    assert pid is not None
+    first.close()
+    assert _alive(pid)
+    second = reopen(docker_doc)
+    path = docker_config(tmp_path, docker_doc)
+    sim = sim_of(path)
+    assert not _alive(pid), "the native instance is stopped through the native runtime"
+    eventually(lambda: sim.snapshot().used_mib == 0, 10, "its VRAM back")
+    assert second.enter_phase("tts", client="w", timeout=60).started == ("cosyvoice",)
+    container = second.instances()["cosyvoice"].container_id
+    assert container is not None
+    assert container_ids(path) == [container]
+
+    # docker -> native across a restart: the container is stopped and removed by Docker
+    second.close()
+    third = reopen(native_doc)
+    assert container_ids(path) == []
+    eventually(lambda: sim.snapshot().used_mib == 0, 10, "its VRAM back")
+    assert third.enter_phase("tts", client="w", timeout=60).started == ("cosyvoice",)
+    assert third.instances()["cosyvoice"].kind == "native"
+
+    # native -> docker by a reload: it keeps serving w, then restarts as a container
+    docker_config(tmp_path, docker_doc)
+    assert third.reload(by="test").changed == ("cosyvoice",)
+    native_pid = third.instances()["cosyvoice"].pid
+    assert native_pid is not None
+    third.release("w")
+    eventually(lambda: not _alive(native_pid), 20, "the native instance stopped")
+    assert third.enter_phase("tts", client="w", timeout=60).started == ("cosyvoice",)
+    assert third.instances()["cosyvoice"].kind == "docker"
+    assert len(container_ids(path)) == 1
+    assert sim.ooms() == []

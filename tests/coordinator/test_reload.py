@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from gpusm import Coordinator
+from gpusm.crashpoints import CRASH_EXIT_CODE
 from gpusm.errors import ReloadRefused
 from gpusm.ports import EventQuery
-from tests.seed_helpers import fake_service, free_port, seed_config, write_config
+from tests.coordinator.invariants import assert_consistent
+from tests.seed_helpers import fake_service, free_port, seed_config, sim_of, write_config
 from tests.support import eventually, service_status, state_of
 
 Open = Callable[..., Coordinator]
@@ -118,3 +124,41 @@ def test_an_invalid_file_or_a_restart_only_change_reloads_nothing(
     assert coordinator.status().config_hash == before
     assert service_status(coordinator, "cosyvoice").pid == pid
     assert coordinator.events(EventQuery(types=["ConfigReloaded"])) == []
+
+
+RELOADER = """
+import sys
+from gpusm import Coordinator
+coordinator = Coordinator.from_config(sys.argv[1], monitor=False)
+coordinator.enter_phase("tts", client="w")
+open(sys.argv[1], "w").write(open(sys.argv[2]).read())
+coordinator.reload(by="crash test")
+"""
+
+
+def test_a_crash_right_after_a_reload_leaves_nothing_stale_after_recovery(
+    seed: tuple[Path, dict[str, Any]], open_coordinator: Open
+) -> None:
+    path, doc = seed
+    new = copy.deepcopy(doc)
+    new["services"]["cosyvoice"]["env"] = {"VOICE": "v2"}
+    new_path = path.with_name("new.yaml")
+    new_path.write_text(yaml.safe_dump(new))
+    env = {**os.environ, "GPUSM_CRASH_AT": "after_config_reloaded"}
+    driver = subprocess.run(
+        [sys.executable, "-c", RELOADER, str(path), str(new_path)],
+        env=env,
+        capture_output=True,
+        timeout=90,
+    )
+    assert driver.returncode == CRASH_EXIT_CODE, driver.stderr.decode()[-2000:]
+
+    # The new file is in force; cosyvoice still runs the old config, for nobody now.
+    coordinator = open_coordinator(path)
+    assert coordinator.events(EventQuery(types=["ConfigReloaded"]))
+    eventually(lambda: state_of(coordinator, "cosyvoice") == "stopped", 20, "stale stopped")
+    drained = coordinator.events(EventQuery(stream="cosyvoice", types=["DrainRequested"]))
+    assert drained[-1].data["reason"] == "its config changed (reload)"
+    assert coordinator.enter_phase("tts", client="w", timeout=30).started == ("cosyvoice",)
+    assert _environ(service_status(coordinator, "cosyvoice").pid or 0)["VOICE"] == "v2"
+    assert_consistent(coordinator, sim_of(path))
