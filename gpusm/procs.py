@@ -295,10 +295,11 @@ def lineage(pid: int, marker_key: str) -> Lineage | None:
     proc = find(pid, ctime)
     if proc is None:
         return None
-    found = Lineage(pid, ctime, _marker(proc, marker_key), _ancestors(proc))
-    if found.marker is None and time.time() - ctime < _YOUNG_S:
-        # Between fork and exec a child still has its parent's environment: an unmarked
-        # reading of a process this young is not final.
+    ancestors, complete = _ancestors(proc)
+    found = Lineage(pid, ctime, _marker(proc, marker_key), ancestors)
+    if not complete or (found.marker is None and time.time() - ctime < _YOUNG_S):
+        # Between fork and exec a child still has its parent's environment, and a climb
+        # cut short by an ancestor that went away misses the rest: neither is final.
         return found
     with _lineage_lock:
         if len(_lineages) >= _LINEAGE_MAX:
@@ -349,7 +350,8 @@ def _marker(proc: Proc, key: str) -> str | None:
         return None  # another user's environment, or gone
 
 
-def _ancestors(proc: Proc) -> tuple[tuple[int, float], ...]:
+def _ancestors(proc: Proc) -> tuple[tuple[tuple[int, float], ...], bool]:
+    """(pid, create time) of each ancestor below pid 1, and whether the climb finished."""
     chain: list[tuple[int, float]] = []
     try:
         parent = proc.parent()
@@ -357,8 +359,8 @@ def _ancestors(proc: Proc) -> tuple[tuple[int, float], ...]:
             chain.append((int(parent.pid), float(parent.create_time())))
             parent = parent.parent()
     except psutil.Error:
-        pass  # an ancestor exited while we climbed: the chain so far is what there is
-    return tuple(chain)
+        return tuple(chain), False  # an ancestor exited while we climbed
+    return tuple(chain), True
 
 
 # ---------------------------------------------------------------- signals

@@ -20,7 +20,7 @@ from gpusm.domain.pipeline import PrefetchLimits, next_uses
 from gpusm.domain.states import RUNNING_STATES, State
 from gpusm.engine.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
 from gpusm.engine.state import Engine
-from gpusm.errors import GpusmError, RequestTimeout, ServiceStartFailed
+from gpusm.errors import GpusmError, RequestTimeout, ServiceStartFailed, UnknownName
 from gpusm.results import StopNote
 
 __all__ = ["PREFETCH_PRIORITY", "Admission", "Request"]
@@ -92,9 +92,9 @@ class Admission:
                     if left <= 0:
                         raise self._timed_out(req)
                     engine.cond.wait(min(left, _POLL_S))
-        except GpusmError as exc:
+        except Exception as exc:
             if req.prefetch and req.stops:
-                self._abandon(req, str(exc))
+                self._abandon(req, f"{type(exc).__name__}: {exc}")
             raise
         finally:
             with engine.cond:
@@ -105,6 +105,11 @@ class Admission:
     def _step(self, req: Request, ticket: int) -> bool:
         """One pass under the lock; True when the request is done."""
         slots = self.engine.slots
+        for n in req.needed:
+            slot = slots.get(n)
+            if slot is None or slot.removed:
+                # A reload removed it while this request waited.
+                raise UnknownName("service", n, list(self.engine.config.services))
         pending = [n for n in req.needed if slots[n].state is not State.HEALTHY]
         if not pending:
             return True
@@ -118,7 +123,7 @@ class Admission:
             # or gives up (the room is the waiting request's); else it waits its turn.
             if not req.stops:
                 return False
-            if any(set(req.needed) & wanted for wanted in self._wanted.values()):
+            if any(set(pending) <= wanted for wanted in self._wanted.values()):
                 return True
             return self._abandon(req, "a request is waiting for room")
         if not policy.is_my_turn(ticket, req.priority, self.waiting):
@@ -205,9 +210,9 @@ class Admission:
         engine = self.engine
         uses = self.next_uses(phase)
         plans = []
-        for device in sorted({engine.config.services[n].gpu for n in names}):
+        for device in sorted({engine.slots[n].config.gpu for n in names}):
             gpu, _, _ = engine.gpu_view(device)
-            on_device = [n for n in names if engine.config.services[n].gpu == device]
+            on_device = [n for n in names if engine.slots[n].config.gpu == device]
             plans.append(
                 policy.plan_admission(
                     on_device,
@@ -233,7 +238,7 @@ class Admission:
     def _drains_suffice(self, plan: policy.Plan) -> bool:
         """Whether the services already draining free enough for ``plan`` on their own."""
         engine = self.engine
-        for device in sorted({engine.config.services[n].gpu for n in plan.to_start}):
+        for device in sorted({engine.slots[n].config.gpu for n in plan.to_start}):
             gpu, _, _ = engine.gpu_view(device)
             if not policy.drains_suffice(plan.to_start, engine.views(device), gpu):
                 return False
@@ -242,7 +247,7 @@ class Admission:
     def _ceiling(self, names: Sequence[str]) -> int:
         # Only the device's size matters here: no need to attribute its processes.
         engine = self.engine
-        total = engine.snapshot(engine.config.services[names[0]].gpu).total_mib
+        total = engine.snapshot(engine.slots[names[0]].config.gpu).total_mib
         return policy.admission_ceiling(total, engine.config.gpu.reserve_mib)
 
     # ------------------------------------------------------------ side effects
@@ -260,6 +265,10 @@ class Admission:
             if begin_drain(self.engine, slot, cls(data=data)):
                 wait = victim.kind == "preempt"
                 in_background(f"stop-{slot.name}", partial(finish_stop, self.engine, slot, wait))
+            elif victim.kind == "preempt":
+                # Still starting: its starting thread stops it without waiting for the
+                # holders, so their leases end now.
+                self.engine.revoke(victim.name, f"{victim.name} was preempted while starting")
             req.stops.append(StopNote(victim.name, victim.kind, victim.reason))
 
     def _start_all(self, names: Sequence[str], req: Request) -> None:

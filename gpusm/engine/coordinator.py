@@ -278,8 +278,13 @@ class Coordinator:
         )
         stops += evicted
         with engine.cond:
-            if client not in engine.leases:
-                # Revoked or expired while it waited: it is in this phase now all the same.
+            late = engine.leases.take_revocation(client)
+            if late is not None:
+                # Revoked while it waited (a service of it was preempted, stopped or
+                # removed): say so, and hold nothing.
+                revoked = late
+            elif client not in engine.leases:
+                # Expired while it waited: it is in this phase now all the same.
                 engine.leases.hold(client, lease)
         # Already in place and nothing stopped: this request changed nothing on the GPU.
         unchanged = ready and not started and not stops

@@ -23,6 +23,7 @@ from gpusm.engine.reload import retire_stale
 from gpusm.engine.state import Engine, Slot
 from gpusm.engine.sweep import SWEEP_INTERVAL_S, sweep
 from gpusm.errors import GpusmError
+from gpusm.ports import Handle
 
 __all__ = ["Monitor"]
 
@@ -113,7 +114,7 @@ class Monitor:
         engine = self.engine
         handle = slot.handle
         if handle is None or not engine.runtime(slot).is_alive(handle):
-            self._crashed(slot, "process exited", None)
+            self._crashed(slot, handle, "process exited", None)
             return
         now = engine.clock.monotonic()
         interval = slot.config.health.interval_s or 1.0
@@ -122,18 +123,21 @@ class Monitor:
         self._last_probe[slot.name] = now
         result = engine.health.probe(slot.config.health)
         with engine.cond:
+            if slot.handle != handle:
+                return  # replaced while the probe ran: the verdict is about another instance
             failures = slot.count_probe(result.ok)
         if failures >= slot.config.health.failures_before_crash:
             engine.runtime(slot).stop(handle, slot.config.stop_timeout_s)
-            self._crashed(slot, f"health failed {failures} times: {result.reason}", 0)
+            self._crashed(slot, handle, f"health failed {failures} times: {result.reason}", 0)
 
-    def _crashed(self, slot: Slot, reason: str, code: int | None) -> None:
+    def _crashed(self, slot: Slot, handle: Handle | None, reason: str, code: int | None) -> None:
+        """``handle`` (the instance that was checked) died; nothing if it was replaced."""
         engine = self.engine
         exit_code = code
-        if exit_code is None and slot.handle is not None:
-            exit_code = engine.runtime(slot).exit_code(slot.handle)
+        if exit_code is None and handle is not None:
+            exit_code = engine.runtime_of(handle).exit_code(handle)
         with engine.cond:
-            if slot.state is not State.HEALTHY or slot.busy:
+            if slot.state is not State.HEALTHY or slot.busy or slot.handle != handle:
                 return
             slot.detach(error=reason)
             slot.count_probe(True)

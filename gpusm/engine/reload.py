@@ -90,7 +90,15 @@ def reload_config(engine: Engine, new: Config, by: str) -> ReloadResult:
         engine.config = new
         engine.loaded_at = engine.clock.now()
         for name in result.added:
-            engine.slots[name] = _new_slot(engine, new, name)
+            winding_down = engine.slots.get(name)
+            if winding_down is not None:
+                # Removed by an earlier reload and still stopping: it stays this slot
+                # (one stream, one owner), and starts with the new config next time.
+                winding_down.removed = False
+                winding_down.pending = new.services[name]
+                winding_down.apply_pending()
+            else:
+                engine.slots[name] = _new_slot(engine, new, name)
         for name in result.changed:
             slot = engine.slots[name]
             slot.pending = new.services[name]

@@ -415,3 +415,27 @@ def test_the_sweep_leaves_a_service_that_is_starting_alone(make: Make) -> None:
     world.monitor.tick()  # not world.tick(): the start stays in flight on purpose
     assert world.runtime.is_alive(pending)
     world.runtime.stop(pending, 0.0)
+
+
+def test_a_service_re_added_while_its_removal_is_still_stopping_keeps_one_slot(
+    make: Make, tmp_path: Path
+) -> None:
+    runtime = StubbornRuntime(ManualClock())
+    services = {"a": fake_service(2048), "b": fake_service(1024)}
+    world = make(services, runtime=runtime)
+    world.coordinator.start_service("a")
+    slot = world.slot("a")
+    runtime.fail_stops = 1  # the removal's stop fails once: "a" stays draining
+    without = fake_config(tmp_path, {"b": services["b"]})
+    assert world.coordinator.reload(without, by="test").removed == ("a",)
+    world.settle()
+    assert world.state("a") is State.DRAINING
+    back = world.coordinator.reload(world.config, by="test")
+    assert back.added == ("a",)
+    assert world.slot("a") is slot  # one slot, one owner of the stream
+    world.tick()  # the stop is retried and finishes
+    assert world.state("a") is State.STOPPED
+    world.coordinator.start_service("a")
+    assert world.state("a") is State.HEALTHY
+    versions = [e.version for e in world.store.read(EventQuery(stream="a"))]
+    assert versions == list(range(1, len(versions) + 1))
