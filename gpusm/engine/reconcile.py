@@ -203,7 +203,9 @@ def _retire(engine: Engine, slot: Slot, kind: str) -> str:
 
 def _adopt_or_reap(engine: Engine, slot: Slot, extra: list[Handle]) -> list[str]:
     was_starting = slot.state is State.STARTING
-    for handle in extra:
+    # The health check asks the service's port, not an instance: of several marked
+    # instances the newest is the one a client last reached; the others are reaped.
+    for handle in sorted(extra, key=lambda h: h.create_time or 0.0, reverse=True):
         if handle.kind != slot.config.runtime:
             continue  # started under another runtime than the config names: reaped below
         if (
