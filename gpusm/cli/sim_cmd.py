@@ -229,11 +229,43 @@ def service(
     grow_mib: Annotated[
         int, typer.Option("--grow-mib", min=0, help="MiB to add after becoming ready.")
     ] = 0,
+    wake_s: Annotated[
+        float,
+        typer.Option("--wake-s", min=0.0, help="Seconds a wake takes to get the memory back."),
+    ] = 0.5,
+    residual_mib: Annotated[
+        int,
+        typer.Option("--residual-mib", min=0, help="MiB kept while parked (e.g. a CUDA context)."),
+    ] = 0,
+    leak_mib: Annotated[
+        int,
+        typer.Option(
+            "--leak-mib", min=0, help="MiB a park fails to free, kept besides the residual."
+        ),
+    ] = 0,
+    async_free_s: Annotated[
+        float,
+        typer.Option(
+            "--async-free-s",
+            min=0.0,
+            help="Seconds after ComfyUI's POST /free answers before the memory is freed.",
+        ),
+    ] = 0.0,
+    model: Annotated[
+        str,
+        typer.Option("--model", help="Model name the Ollama and llama.cpp requests must use."),
+    ] = "fake-model",
     sim_dir: SimDirOption = None,
     total_mib: TotalOption = None,
     config: ConfigOption = None,
 ) -> None:
     """A fake model server: GET /health is 503 while loading VRAM, 200 when ready.
+
+    Once ready it can be parked (memory freed down to --residual-mib + --leak-mib) and
+    woken (memory back after --wake-s) with the requests of vLLM (POST /sleep, /wake_up),
+    SGLang (POST /release_memory_occupation, /resume_memory_occupation), Ollama (POST
+    /api/generate with keep_alive 0 or -1), ComfyUI (POST /free, /prompt) and llama.cpp's
+    router (POST /models/unload, /models/load); /health stays 200 while parked.
 
     Exit codes: 0 stopped by SIGTERM/SIGINT, 1 crashed (--crash-after), 3 simulated OOM,
     4 port unavailable. Memory is freed by the process's exit, after the sim's lag.
@@ -250,6 +282,11 @@ def service(
         ignore_sigterm=ignore_sigterm,
         crash_after=crash_after,
         grow_mib=grow_mib,
+        wake_s=wake_s,
+        residual_mib=residual_mib,
+        leak_mib=leak_mib,
+        async_free_s=async_free_s,
+        model=model,
     )
     with friendly_errors():
         code = run_fake_server(options, sim)
