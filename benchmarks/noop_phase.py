@@ -43,6 +43,29 @@ def run(ctx: Ctx) -> list[Row]:
     return rows
 
 
+def _time_raw_appends(raw: RawAppender, count: int, version: int, into: list[float]) -> int:
+    """Time ``count`` raw durable appends (the baseline) into ``into``; the next version."""
+    for _ in range(count):
+        event = new_event("bench", version)
+        began = time.perf_counter()
+        raw.append(event)
+        into.append(time.perf_counter() - began)
+        version += 1
+    return version
+
+
+def _details(calls: list[float], raws: list[float]) -> dict[str, Any]:
+    return {
+        "calls": len(calls),
+        "median_s": median(calls),
+        "p95_s": percentile(calls, 95),
+        "p99_s": percentile(calls, 99),
+        "max_s": max(calls),
+        "raw_append_median_s": median(raws),
+        "raw_append_p99_s": percentile(raws, 99),
+    }
+
+
 def _blocks(ctx: Ctx) -> tuple[int, int]:
     return (4, 50) if ctx.quick else (10, 50)
 
@@ -79,12 +102,7 @@ def _minimal(ctx: Ctx) -> Row:
                 calls.append(time.perf_counter() - began)
                 if result.started or result.stopped:
                     raise RuntimeError(f"a no-op call started or stopped something: {result}")
-            for _ in range(per_block):
-                event = new_event("bench", version)
-                began = time.perf_counter()
-                raw.append(event)
-                raws.append(time.perf_counter() - began)
-                version += 1
+            version = _time_raw_appends(raw, per_block, version, raws)
     finally:
         coordinator.close(stop_services=True)
         raw.close()
@@ -96,15 +114,7 @@ def _minimal(ctx: Ctx) -> Row:
         ratio=med / raw_med,
         goal=f"median ≤ {ms(GOAL_MEDIAN_S, 0)}",
         met=med <= GOAL_MEDIAN_S,
-        details={
-            "calls": len(calls),
-            "median_s": med,
-            "p95_s": percentile(calls, 95),
-            "p99_s": p99,
-            "max_s": max(calls),
-            "raw_append_median_s": raw_med,
-            "raw_append_p99_s": percentile(raws, 99),
-        },
+        details=_details(calls, raws),
     )
 
 
@@ -119,12 +129,7 @@ def _seed(ctx: Ctx, minimal_median_s: float) -> Row:
         version = 1
         for _ in range(blocks):
             calls += seed.calls(per_block)
-            for _ in range(per_block):
-                event = new_event("bench", version)
-                began = time.perf_counter()
-                raw.append(event)
-                raws.append(time.perf_counter() - began)
-                version += 1
+            version = _time_raw_appends(raw, per_block, version, raws)
         seed.check_no_starts()
     finally:
         seed.close()
@@ -143,14 +148,5 @@ def _seed(ctx: Ctx, minimal_median_s: float) -> Row:
         ratio=med / raw_med,
         goal=f"median ≤ {ms(GOAL_MEDIAN_S, 0)}",
         met=med <= GOAL_MEDIAN_S,
-        details={
-            "calls": len(calls),
-            "median_s": med,
-            "p95_s": percentile(calls, 95),
-            "p99_s": p99,
-            "max_s": max(calls),
-            "raw_append_median_s": raw_med,
-            "raw_append_p99_s": percentile(raws, 99),
-            "minimal_config_median_s": minimal_median_s,
-        },
+        details={**_details(calls, raws), "minimal_config_median_s": minimal_median_s},
     )
