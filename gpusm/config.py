@@ -170,8 +170,7 @@ class ServiceConfig(_Strict):
     def fingerprint(self) -> str:
         """A short hash of this service's config, recorded with each start: recovery
         compares it with the config it runs now to find instances that are stale."""
-        text = self.model_dump_json(warnings=False)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return _short_hash(self.model_dump_json(warnings=False))
 
     def resolved(self, base: Path) -> ServiceConfig:
         """This service with its relative paths made absolute against ``base``."""
@@ -248,6 +247,10 @@ AnyService = Annotated[
 ]
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def _host_port(spec: str) -> int | None:
     parts = spec.split("/")[0].split(":")
     if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[-2:]):
@@ -306,6 +309,11 @@ class Config(_Strict):
                 },
             }
         return raw
+
+    def fingerprint(self) -> str:
+        """A short hash of what the config says (not of where it was read from)."""
+        # A runtime registered in code (not in the file format) serialises with a warning.
+        return _short_hash(self.model_dump_json(exclude={"source"}, warnings=False))
 
     @property
     def database_url(self) -> str:

@@ -27,7 +27,7 @@ from gpusm.engine.admission import Admission, Request
 from gpusm.engine.lifecycle import finish_stop, in_background, join_background
 from gpusm.engine.monitor import Monitor
 from gpusm.engine.reconcile import recover
-from gpusm.engine.reload import config_hash, loaded_at_text, reload_config, retire_stale
+from gpusm.engine.reload import loaded_at_text, reload_config, retire_stale
 from gpusm.engine.state import Engine, Lease
 from gpusm.errors import ConfigError, GpusmError, ReloadRefused
 from gpusm.ports import Clock, EventQuery, Handle
@@ -438,7 +438,7 @@ class Coordinator:
             expiry = {c: engine.leases.expires_in(c) for c in leases}
             expires = {c: round(s, 3) for c, s in expiry.items() if s is not None}
             loaded = loaded_at_text(engine.loaded_at)
-            config = config_hash(engine.config)
+            config = engine.config_hash
         return Status(self.recovered, devices, services, leases, expires, config, loaded)
 
     def instances(self) -> dict[str, Handle]:

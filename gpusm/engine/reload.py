@@ -14,7 +14,6 @@ A ``ConfigReloaded`` event records the diff and the new config's hash.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
 
 from gpusm.config import Config
@@ -28,7 +27,6 @@ from gpusm.errors import ReloadRefused
 from gpusm.results import ReloadResult
 
 __all__ = [
-    "config_hash",
     "diff",
     "loaded_at_text",
     "reload_config",
@@ -48,13 +46,6 @@ def _restart_settings(config: Config) -> dict[str, object]:
     }
 
 
-def config_hash(config: Config) -> str:
-    """A short hash of what ``config`` says (not of where it was read from)."""
-    # A runtime registered in code (not in the file format) serialises with a warning.
-    text = config.model_dump_json(exclude={"source"}, warnings=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def restart_only(old: Config, new: Config) -> list[str]:
     """The settings that differ and that only a restart can change."""
     before, after = _restart_settings(old), _restart_settings(new)
@@ -67,7 +58,7 @@ def diff(old: Config, new: Config) -> ReloadResult:
     both = sorted(before & after)
     changed = tuple(n for n in both if old.services[n] != new.services[n])
     return ReloadResult(
-        config_hash=config_hash(new),
+        config_hash=new.fingerprint(),
         added=tuple(sorted(after - before)),
         removed=tuple(sorted(before - after)),
         changed=changed,
@@ -88,6 +79,7 @@ def reload_config(engine: Engine, new: Config, by: str) -> ReloadResult:
             )
         result = diff(engine.config, new)
         engine.config = new
+        engine.config_hash = result.config_hash
         engine.loaded_at = engine.clock.now()
         for name in result.added:
             winding_down = engine.slots.get(name)

@@ -200,6 +200,8 @@ class Engine:
         open_runtime: Callable[[str], Runtime] | None = None,
     ) -> None:
         self.config = config
+        # Computed once per config (status shows it on every read).
+        self.config_hash = config.fingerprint()
         self.loaded_at = clock.now()
         self._open_runtime = open_runtime
         self.store = store
