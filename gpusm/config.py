@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from gpusm.errors import ConfigError
+from gpusm.park_config import ParkConfig, ParkSteps
 
 __all__ = [
     "SERVICE_KINDS",
@@ -162,6 +163,25 @@ class ServiceConfig(_Strict):
     restart: RestartConfig = RestartConfig()
     # How long a start takes, until one is measured (the eviction order's load cost).
     load_s: NonNegFloat | None = None
+    # How to give the VRAM back without stopping the process (None: it cannot park).
+    park: ParkConfig | None = None
+
+    @model_validator(mode="after")
+    def _park_resolves(self) -> ServiceConfig:
+        if self.park is not None:
+            self.park.steps(self._health_url())  # a ValueError names what is missing
+        return self
+
+    def park_steps(self) -> ParkSteps | None:
+        """How this service parks and wakes, resolved; None if it cannot park."""
+        return None if self.park is None else self.park.steps(self._health_url())
+
+    def _health_url(self) -> str | None:
+        if self.health.http is not None:
+            return self.health.http
+        if self.health.tcp is not None:
+            return f"http://{self.health.tcp}"
+        return None
 
     def published_ports(self) -> set[int]:
         """Host ports the runtime binds for this service (beyond its health check's)."""

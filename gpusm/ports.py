@@ -15,8 +15,10 @@ from gpusm.domain.events import NewEvent, RecordedEvent
 
 if TYPE_CHECKING:
     from gpusm.config import HealthConfig, ServiceConfig
+    from gpusm.park_config import HttpCall
 
 __all__ = [
+    "CallResult",
     "Clock",
     "DeviceSnapshot",
     "EventQuery",
@@ -26,6 +28,7 @@ __all__ = [
     "HealthCheck",
     "HealthResult",
     "Runtime",
+    "ServiceControl",
     "StopResult",
     "StreamHead",
 ]
@@ -223,6 +226,11 @@ class Runtime(Protocol):
         """
         ...
 
+    def signal(self, handle: Handle, name: str) -> None:
+        """Send the signal ``name`` (e.g. ``"SIGUSR1"``) to the instance's top process;
+        ServiceRuntimeError if it is gone or cannot be signalled."""
+        ...
+
     def exit_code(self, handle: Handle) -> int | None:
         """The instance's exit status once it ended and is known; else None.
 
@@ -265,6 +273,29 @@ class HealthCheck(Protocol):
         started_at: float | None = None,
     ) -> HealthResult:
         """Probe on schedule until ok, ``deadline_s`` (monotonic) passes, or the process dies."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; idempotent."""
+        ...
+
+
+# ---------------------------------------------------------------- service control
+@dataclass(frozen=True)
+class CallResult:
+    """How one request to a service went: ``ok`` (the expected status) or a ``reason``."""
+
+    ok: bool
+    status: int | None = None
+    reason: str = ""
+    elapsed_s: float = 0.0
+
+
+class ServiceControl(Protocol):
+    """Sends a service the requests that park and wake it (``park:`` steps)."""
+
+    def call(self, request: HttpCall) -> CallResult:
+        """Send ``request``, bounded by its timeout; never raises."""
         ...
 
     def close(self) -> None:

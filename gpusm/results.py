@@ -10,11 +10,13 @@ __all__ = ["DeviceStatus", "PhaseResult", "ReloadResult", "ServiceStatus", "Stat
 
 @dataclass(frozen=True)
 class StopNote:
-    """A service stopped on a request's behalf, and why."""
+    """A service stopped (or parked) on a request's behalf, and why."""
 
     service: str
     kind: str  # "evict", "preempt" or "release"
     reason: str
+    # "stop", or "park": its process stays, holding only its residual.
+    action: str = "stop"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from gpusm.engine.state import Engine
 from gpusm.errors import ConfigError
 from gpusm.gpu.fake_server import EXIT_OOM, FakeServerOptions, run_fake_server
 from gpusm.gpu.sim import SimGpu
-from gpusm.health import Health
+from gpusm.health import Health, HttpControl
 from gpusm.lock import StateDirLock
 from gpusm.ports import Clock, EventStore, GpuProbe, Runtime
 
@@ -204,7 +204,8 @@ def build_engine(
     clock: Clock | None = None,
     registry: Mapping[str, RuntimeFactory] | None = None,
 ) -> Engine:
-    """Open the store, the probe, the runtimes and the health checker for ``config``."""
+    """Open the store, the probe, the runtimes, the health checker and the service control
+    (park and wake requests) for ``config``."""
     from gpusm.config import make_folder  # an unusable state_dir: a ConfigError, not OSError
 
     make_folder(config.state_dir, "state_dir", config.source)
@@ -222,6 +223,7 @@ def build_engine(
         probe=probe,
         runtimes=runtimes,
         health=Health(clock),
+        control=HttpControl(),
         clock=clock,
         open_runtime=lambda kind: open_runtime(config, kind, registry),
     )

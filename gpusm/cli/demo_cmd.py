@@ -66,7 +66,9 @@ def demo(
             live.update(_view(item, items, phase, coordinator), refresh=True)
             return
         started = " ".join(f"+{name}" for name in result.started)
-        stopped = " ".join(f"-{s.service}({s.kind})" for s in result.stopped)
+        stopped = " ".join(
+            f"{'~' if s.action == 'park' else '-'}{s.service}({s.kind})" for s in result.stopped
+        )
         say(
             f"item {item} {phase:<8} {result.waited_s:5.2f}s  free {result.free_after_mib:>5} MiB"
             f"  {started} {stopped}".rstrip()

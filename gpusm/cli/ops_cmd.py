@@ -280,7 +280,8 @@ def phase(
         if items:
             say(f"  {label}: {', '.join(items)}")
     for note in result.stopped:
-        say(f"  stopped {note.service} ({note.kind}): {note.reason}")
+        verb = "parked" if note.action == "park" else "stopped"
+        say(f"  {verb} {note.service} ({note.kind}): {note.reason}")
 
 
 def start(

@@ -28,6 +28,9 @@ __all__ = [
     "LeaseRevoked",
     "NewEvent",
     "OrphanReaped",
+    "ParkFailed",
+    "ParkRequested",
+    "Parked",
     "PhaseEntered",
     "Preempted",
     "PrefetchAbandoned",
@@ -40,6 +43,9 @@ __all__ = [
     "StartRequested",
     "Stopped",
     "VramObserved",
+    "WakeFailed",
+    "WakeRequested",
+    "Woken",
 ]
 
 COORDINATOR_STREAM = "coordinator"
@@ -150,6 +156,44 @@ class OrphanReaped(ServiceEvent):
     TRIGGER = "observe"
 
 
+class ParkRequested(ServiceEvent):
+    """The coordinator decided to park the service (committed before the sleep action);
+    data says why and for whom."""
+
+    TRIGGER = "request_park"
+
+
+class Parked(ServiceEvent):
+    """The GPU shows the service holding no more than its residual (``held_mib``)."""
+
+    TRIGGER = "parked"
+
+
+class ParkFailed(ServiceEvent):
+    """The sleep action failed, or the memory did not come back in time; a verified
+    stop follows. Data has the numbers."""
+
+    TRIGGER = "park_failed"
+
+
+class WakeRequested(ServiceEvent):
+    """The coordinator decided to wake the parked service (its full reservation admitted)."""
+
+    TRIGGER = "request_wake"
+
+
+class Woken(ServiceEvent):
+    """The wake action, health check and warm-up passed: the service serves again."""
+
+    TRIGGER = "woken"
+
+
+class WakeFailed(ServiceEvent):
+    """The wake did not succeed; the service is stopped (verified) and started afresh."""
+
+    TRIGGER = "wake_failed"
+
+
 @dataclass(frozen=True, kw_only=True)
 class PhaseEntered(Event):
     """A client entered a phase (coordinator stream)."""
@@ -206,6 +250,12 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         Adopted,
         VramObserved,
         OrphanReaped,
+        ParkRequested,
+        Parked,
+        ParkFailed,
+        WakeRequested,
+        Woken,
+        WakeFailed,
         PhaseEntered,
         PrefetchAbandoned,
         LeaseReleased,

@@ -15,7 +15,7 @@ from typing import Final
 from transitions import Machine, MachineError
 
 from gpusm.domain.events import EVENT_TYPES, NewEvent, ServiceEvent
-from gpusm.domain.states import State
+from gpusm.domain.states import ACTIVE_STATES, State
 from gpusm.errors import IllegalTransition
 
 __all__ = ["TRANSITIONS", "TRIGGERS", "ServiceMachine"]
@@ -28,15 +28,27 @@ TRANSITIONS: Final[list[tuple[str, list[State], State | None]]] = [
     ("launched", [State.STARTING], None),
     ("health_passed", [State.STARTING], State.HEALTHY),
     ("start_failed", [State.STARTING], State.STOPPED),
-    ("drain", [State.STARTING, State.HEALTHY], State.DRAINING),
+    # A waking service is owned by its waking thread, which sees the drain (as a start).
+    ("drain", [State.STARTING, State.HEALTHY, State.PARKED, State.WAKING], State.DRAINING),
     ("stopped", [State.DRAINING], State.STOPPED),
-    ("crashed", [State.STARTING, State.HEALTHY, State.DRAINING], State.STOPPED),
+    ("crashed", [*ACTIVE_STATES], State.STOPPED),
+    # Parking: the sleep action, then the GPU must show the memory back.
+    ("request_park", [State.HEALTHY], State.PARKING),
+    ("parked", [State.PARKING], State.PARKED),
+    # A park the GPU does not confirm, or a wake that fails, becomes a verified stop.
+    ("park_failed", [State.PARKING], State.DRAINING),
+    ("request_wake", [State.PARKED], State.WAKING),
+    # PARKED -> HEALTHY: recovery found a parked service holding its full memory.
+    ("woken", [State.WAKING, State.PARKED], State.HEALTHY),
+    ("wake_failed", [State.WAKING], State.DRAINING),
     # STARTING -> FAILED when the last allowed start fails; STOPPED -> FAILED when a
     # crash leaves no budget for the restart.
     ("give_up", [State.STARTING, State.STOPPED], State.FAILED),
     ("reset", [State.FAILED], State.STOPPED),
     # Recovery keeps what it finds alive and healthy, whatever the log last believed.
     ("adopt", [State.STOPPED, State.STARTING, State.HEALTHY], State.HEALTHY),
+    # ... and a parked one that still holds no more than its residual stays parked.
+    ("adopt", [State.PARKED], None),
     ("observe", _ALL, None),
 ]
 

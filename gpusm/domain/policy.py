@@ -5,10 +5,13 @@ views, other clients' leases, a GPU reading); nothing reads a clock, a GPU or a 
 
 Admission arithmetic::
 
-    reservation(service)  = max(declared vram_mib, learned peak)
+    reservation(service)  = max(declared vram_mib, learned peak); a PARKED service's
+                            is its residual (what its process keeps, e.g. a CUDA context)
     free for admission    = max(0, min(driver free, total - sum(reservations of ACTIVE
                                        services) - foreign) - reserve_mib)
-    need                  = sum(reservations of needed services not STARTING/HEALTHY)
+    need                  = sum(reservations of needed services not STARTING/HEALTHY/
+                            WAKING); a needed PARKED service needs its full reservation
+                            less the residual it already holds
 
 A DRAINING service still holds its reservation until it is stopped: it is counted in the
 sum, and if the request needs it again it is counted in ``need`` too (conservative; the
@@ -27,6 +30,12 @@ allowed candidates makes the request fit. Within each group:
   lower priority keep the order above (lowest priority, then least recently used).
 
 The name breaks any remaining tie, so the same inputs always give the same plan.
+
+A victim that can park (``residual_mib`` set) and is HEALTHY is parked rather than
+stopped: it frees its reservation less its residual, and its process stays for a fast
+wake. Only when parking every victim of the prefix still leaves the request short are
+parks turned into stops, first victim first, until it fits. A PARKED service is an idle
+candidate too; stopping it frees its residual.
 
 A prefetch (``plan_admission(..., prefetch=PrefetchLimits(distance, saving_s))``) is
 planned with pipeline information, stops only idle services, and never one needed at or
@@ -49,6 +58,9 @@ from gpusm.domain.pipeline import (
 )
 from gpusm.domain.states import ACTIVE_STATES, RUNNING_STATES, State
 from gpusm.errors import InsufficientVram, UnknownName
+
+# States whose service may be chosen as a victim (stopped, or parked when HEALTHY).
+_CANDIDATE_STATES = RUNNING_STATES | {State.PARKED}
 
 __all__ = [
     "GpuView",
@@ -99,11 +111,17 @@ class ServiceView:
     idle_ttl_s: float | None = None
     next_use: int | None = None
     load_cost_s: float = 0.0
+    # What the service keeps while parked; None: it cannot park.
+    residual_mib: int | None = None
+    # Monotonic time of its last state change (a parked service's idle TTL counts from it).
+    state_since: float = 0.0
 
     def __post_init__(self) -> None:
         _require_non_negative(
             f"service {self.name!r}", vram_mib=self.vram_mib, learned_peak_mib=self.learned_peak_mib
         )
+        if self.residual_mib is not None:
+            _require_non_negative(f"service {self.name!r}", residual_mib=self.residual_mib)
         if self.next_use is not None and self.next_use < 0:
             raise ValueError(f"service {self.name!r}.next_use must be >= 0, got {self.next_use}")
         if not self.load_cost_s >= 0:  # also refuses NaN
@@ -112,9 +130,30 @@ class ServiceView:
             )
 
     @property
-    def reservation(self) -> int:
-        """The MiB this service is assumed to hold while active: max(declared, learned peak)."""
+    def full_mib(self) -> int:
+        """What it holds while it runs: max(declared, learned peak)."""
         return max(self.vram_mib, self.learned_peak_mib)
+
+    @property
+    def parked_mib(self) -> int:
+        """What it holds once parked: its residual, never more than its full reservation."""
+        return min(self.residual_mib or 0, self.full_mib)
+
+    @property
+    def reservation(self) -> int:
+        """The MiB this service is assumed to hold while active: its residual when
+        PARKED, else max(declared, learned peak)."""
+        return self.parked_mib if self.state is State.PARKED else self.full_mib
+
+    @property
+    def can_park(self) -> bool:
+        """Whether it is HEALTHY and has a way to park."""
+        return self.residual_mib is not None and self.state is State.HEALTHY
+
+    @property
+    def need_mib(self) -> int:
+        """What starting (or waking) it needs beyond what it holds now."""
+        return self.full_mib - (self.reservation if self.state is State.PARKED else 0)
 
 
 @dataclass(frozen=True)
@@ -138,12 +177,14 @@ class GpuView:
 
 @dataclass(frozen=True)
 class Victim:
-    """A service to stop: ``evict`` (idle) or ``preempt`` (drain another client's use first)."""
+    """A service to make room with: ``evict`` (idle) or ``preempt`` (drain another
+    client's use first); ``action`` says whether it is stopped or parked."""
 
     name: str
     kind: Literal["evict", "preempt"]
     frees_mib: int
     reason: str
+    action: Literal["stop", "park"] = "stop"
 
 
 @dataclass(frozen=True)
@@ -178,9 +219,13 @@ class Plan:
 
 
 def free_after_stopping(
-    services: Mapping[str, ServiceView], gpu: GpuView, stopped: Iterable[str] = ()
+    services: Mapping[str, ServiceView],
+    gpu: GpuView,
+    stopped: Iterable[str] = (),
+    parked: Iterable[str] = (),
 ) -> int:
-    """Free MiB for admission, assuming the ACTIVE services named in ``stopped`` are gone.
+    """Free MiB for admission, assuming the ACTIVE services named in ``stopped`` are gone
+    and those named in ``parked`` hold only their residual.
 
     Each stopped service gives back its reservation on both sides of the ``min``: it
     leaves the sum of reservations, and driver free grows by it (no explicit cap at the
@@ -191,6 +236,7 @@ def free_after_stopping(
     over-committed GPU has 0 MiB free.
     """
     gone = set(stopped)
+    asleep = set(parked) - gone
     reserved = 0
     returned = 0
     for view in services.values():
@@ -198,6 +244,9 @@ def free_after_stopping(
             continue
         if view.name in gone:
             returned += view.reservation
+        elif view.name in asleep:
+            returned += view.reservation - view.parked_mib
+            reserved += view.parked_mib
         else:
             reserved += view.reservation
     driver_free = gpu.driver_free_mib + returned
@@ -266,7 +315,7 @@ def release_plan(
     client's current phase (``leases``) holds.
     """
     keep = set(_known(needed, services)) | set(_leased_by(leases))
-    idle = (v for v in services.values() if v.state in RUNNING_STATES and v.name not in keep)
+    idle = (v for v in services.values() if v.state in _CANDIDATE_STATES and v.name not in keep)
     return [v.name for v in _eviction_order(idle)]
 
 
@@ -275,22 +324,28 @@ def idle_expired(
     leases: Mapping[str, frozenset[str]],
     now_mono: float,
 ) -> list[str]:
-    """HEALTHY services whose idle TTL has run out, soonest-expired first.
+    """HEALTHY and PARKED services whose idle TTL has run out, soonest-expired first.
 
     A service qualifies when it has ``idle_ttl_s``, no client's phase holds it, and
-    ``last_used + idle_ttl_s <= now_mono``. STARTING services are left alone: they have
-    not had a chance to be used yet.
+    ``idle_since + idle_ttl_s <= now_mono``, where ``idle_since`` is ``last_used``, or for
+    a PARKED service the later of that and when it parked (a HEALTHY service that can
+    park is parked first, then stopped one TTL later). STARTING services are left alone:
+    they have not had a chance to be used yet.
     """
     leased = _leased_by(leases)
+
+    def idle_since(v: ServiceView) -> float:
+        return max(v.last_used, v.state_since) if v.state is State.PARKED else v.last_used
+
     expired = [
         v
         for v in services.values()
-        if v.state is State.HEALTHY
+        if v.state in (State.HEALTHY, State.PARKED)
         and v.idle_ttl_s is not None
         and v.name not in leased
-        and v.last_used + v.idle_ttl_s <= now_mono
+        and idle_since(v) + v.idle_ttl_s <= now_mono
     ]
-    expired.sort(key=lambda v: (v.last_used + (v.idle_ttl_s or 0.0), v.name))
+    expired.sort(key=lambda v: (idle_since(v) + (v.idle_ttl_s or 0.0), v.name))
     return [v.name for v in expired]
 
 
@@ -322,7 +377,7 @@ def plan_admission(
     names = _known(needed, services)
     running = tuple(n for n in names if services[n].state in RUNNING_STATES)
     to_start = tuple(n for n in names if n not in running)
-    need = sum(services[n].reservation for n in to_start)
+    need = sum(services[n].need_mib for n in to_start)
     free_before = free_for_admission(services, gpu)
     protected: dict[str, str] = {}  # idle service -> why a prefetch may not evict it
 
@@ -348,7 +403,7 @@ def plan_admission(
 
     hinted = pipeline or prefetch is not None
     holders = _leased_by(leases)
-    others = [v for v in services.values() if v.state in RUNNING_STATES and v.name not in names]
+    others = [v for v in services.values() if v.state in _CANDIDATE_STATES and v.name not in names]
     idle = (_pipeline_order if hinted else _eviction_order)(
         v for v in others if v.name not in holders
     )
@@ -378,21 +433,56 @@ def plan_admission(
         return plan(False, free_before, (), blocked, why)
 
     beneficiary = ", ".join(to_start) + (f" ({requester})" if requester else "")
-    victims: list[Victim] = []
-    free_after = free_before
-    for view in candidates:
-        # Stop as few as needed: the walk ends at the first prefix of the order that fits;
-        # `best` above guarantees that one does.
-        if need <= free_after:
-            break
-        victims.append(_victim(view, holders, request_priority, beneficiary, hinted))
-        free_after = free_after_stopping(services, gpu, (v.name for v in victims))
-    stopped = ", ".join(v.name for v in victims)
+    chosen = _walk(candidates, need, services, gpu)
+    victims = [
+        _victim(view, holders, request_priority, beneficiary, hinted, action)
+        for view, action in chosen
+    ]
+    free_after = _free_after(services, gpu, chosen)
+    parts = [
+        f"{verb} {', '.join(v.name for v in victims if v.action == action)}"
+        for action, verb in (("park", "parking"), ("stop", "stopping"))
+        if any(v.action == action for v in victims)
+    ]
     why = (
-        f"fits after stopping {stopped}: need {need} MiB, {free_before} MiB free before, "
+        f"fits after {' and '.join(parts)}: need {need} MiB, {free_before} MiB free before, "
         f"{free_after} MiB after"
     )
     return plan(True, free_after, victims, (), why)
+
+
+_Choice = tuple[ServiceView, Literal["stop", "park"]]
+
+
+def _free_after(
+    services: Mapping[str, ServiceView], gpu: GpuView, chosen: Sequence[_Choice]
+) -> int:
+    stopped = (v.name for v, action in chosen if action == "stop")
+    parked = (v.name for v, action in chosen if action == "park")
+    return free_after_stopping(services, gpu, stopped, parked)
+
+
+def _walk(
+    candidates: Sequence[ServiceView],
+    need: int,
+    services: Mapping[str, ServiceView],
+    gpu: GpuView,
+) -> list[_Choice]:
+    """The shortest prefix of ``candidates`` that makes ``need`` fit, each one parked if
+    it can be, else stopped; if parking the whole order is not enough, parks become
+    stops, first victim first, until it fits (stopping every candidate fits: checked by
+    the caller)."""
+    chosen: list[_Choice] = []
+    for view in candidates:
+        if need <= _free_after(services, gpu, chosen):
+            return chosen
+        chosen.append((view, "park" if view.can_park else "stop"))
+    for i, (view, action) in enumerate(chosen):
+        if need <= _free_after(services, gpu, chosen):
+            break
+        if action == "park":
+            chosen[i] = (view, "stop")
+    return chosen
 
 
 def _victim(
@@ -401,24 +491,30 @@ def _victim(
     priority: int,
     beneficiary: str,
     hinted: bool,
+    action: Literal["stop", "park"] = "stop",
 ) -> Victim:
+    frees = view.reservation - (view.parked_mib if action == "park" else 0)
+    parks = f"parked (keeps {view.parked_mib} MiB), " if action == "park" else ""
     if view.name in holders:
         clients = ", ".join(holders[view.name])
         return Victim(
             view.name,
             "preempt",
-            view.reservation,
+            frees,
             f"in use by {clients} at priority {view.priority} < {priority}, "
-            f"preempted to make room for {beneficiary}",
+            f"{parks}preempted to make room for {beneficiary}",
+            action,
         )
     hints = (
         f"{describe_next_use(view.next_use)}, load ~{view.load_cost_s:.1f} s, " if hinted else ""
     )
+    state = "parked, " if view.state is State.PARKED else ""
     return Victim(
         view.name,
         "evict",
-        view.reservation,
-        f"idle, {hints}priority {view.priority}, to make room for {beneficiary}",
+        frees,
+        f"idle, {state}{hints}priority {view.priority}, {parks}to make room for {beneficiary}",
+        action,
     )
 
 
@@ -504,15 +600,17 @@ def merge_plans(plans: Sequence[Plan]) -> Plan:
 def drains_suffice(
     to_start: Sequence[str], services: Mapping[str, ServiceView], gpu: GpuView
 ) -> bool:
-    """Whether the services already draining on this GPU free enough for ``to_start``.
+    """Whether the services already draining (or parking) on this GPU free enough for
+    ``to_start``.
 
     Then the request stops nothing more and waits for those drains.
     """
     draining = [n for n, v in services.items() if v.state is State.DRAINING]
-    if not draining:
+    parking = [n for n, v in services.items() if v.state is State.PARKING]
+    if not draining and not parking:
         return False
-    need = sum(services[n].reservation for n in to_start if n in services)
-    return need <= free_after_stopping(services, gpu, draining)
+    need = sum(services[n].need_mib for n in to_start if n in services)
+    return need <= free_after_stopping(services, gpu, draining, parking)
 
 
 def admission_ceiling(total_mib: int, reserve_mib: int) -> int:

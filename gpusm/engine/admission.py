@@ -19,6 +19,7 @@ from gpusm.domain import policy
 from gpusm.domain.pipeline import PrefetchLimits, next_uses
 from gpusm.domain.states import RUNNING_STATES, State
 from gpusm.engine.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
+from gpusm.engine.parking import begin_park, begin_wake, finish_park, run_wake
 from gpusm.engine.state import Engine
 from gpusm.errors import GpusmError, RequestTimeout, ServiceStartFailed, UnknownName
 from gpusm.results import StopNote
@@ -114,7 +115,12 @@ class Admission:
         if not pending:
             return True
         self._raise_failures(pending, req.mine)
-        startable = [n for n in pending if slots[n].state is State.STOPPED and not slots[n].busy]
+        # A parked service is woken rather than started.
+        startable = [
+            n
+            for n in pending
+            if slots[n].state in (State.STOPPED, State.PARKED) and not slots[n].busy
+        ]
         if not startable:
             return req.prefetch and bool(req.started)  # a prefetch never waits for health
         if req.prefetch and self.waiting:
@@ -252,18 +258,27 @@ class Admission:
 
     # ------------------------------------------------------------ side effects
     def _drain_victims(self, plan: policy.Plan, req: Request) -> None:
-        """Commit each victim's drain and start its stop at once (caller holds the lock)."""
+        """Commit each victim's drain (or park) and start it at once (caller holds the lock)."""
         by = req.client or req.requester
         for victim in plan.victims:
             slot = self.engine.slots[victim.name]
-            cls = ev.Preempted if victim.kind == "preempt" else ev.Evicted
             data: dict[str, object] = {"reason": victim.reason, "by": by}
             data["for"] = list(plan.to_start)
             if req.prefetch:
                 data["prefetch"] = True
-            # HEALTHY -> DRAINING
+            wait = victim.kind == "preempt"
+            if victim.action == "park":
+                # HEALTHY -> PARKING; a preempted one is drained of its holders first
+                park = ev.ParkRequested(data={**data, "kind": victim.kind})
+                if begin_park(self.engine, slot, park):
+                    in_background(
+                        f"park-{slot.name}", partial(finish_park, self.engine, slot, wait)
+                    )
+                    req.stops.append(StopNote(victim.name, victim.kind, victim.reason, "park"))
+                    continue
+            cls = ev.Preempted if victim.kind == "preempt" else ev.Evicted
+            # HEALTHY | PARKED -> DRAINING
             if begin_drain(self.engine, slot, cls(data=data)):
-                wait = victim.kind == "preempt"
                 in_background(f"stop-{slot.name}", partial(finish_stop, self.engine, slot, wait))
             elif victim.kind == "preempt":
                 # Still starting: its starting thread stops it without waiting for the
@@ -276,6 +291,12 @@ class Admission:
         for n in names:
             slot = self.engine.slots[n]
             data = {"reason": f"{verb} {req.requester}", "by": req.client, "prefetch": req.prefetch}
+            if slot.state is State.PARKED:
+                # PARKED -> WAKING: its full reservation is admitted
+                begin_wake(self.engine, slot, data)
+                req.mine[n] = slot.generation
+                in_background(f"wake-{n}", partial(run_wake, self.engine, slot))
+                continue
             # STOPPED -> STARTING
             begin_start(self.engine, slot, data)
             req.mine[n] = slot.generation
@@ -284,23 +305,30 @@ class Admission:
     def stop_and_wait(
         self, names: Sequence[str], reason: str, by: str | None, deadline: float, kind: str
     ) -> list[StopNote]:
-        """Drain ``names`` and wait until none is draining; RequestTimeout past ``deadline``."""
+        """Drain ``names`` and wait until none is draining; RequestTimeout past ``deadline``.
+
+        A service that is parking is drained once parked.
+        """
         engine = self.engine
-        notes = []
+        notes = [StopNote(n, kind, reason) for n in names]
+        pending = list(names)
         with engine.cond:
-            with engine.decision():
-                for n in names:
-                    slot = engine.slots[n]
-                    drain = ev.DrainRequested(data={"reason": reason, "by": by})
-                    if begin_drain(engine, slot, drain):
-                        in_background(f"stop-{n}", partial(finish_stop, engine, slot))
-                    notes.append(StopNote(n, kind, reason))
-            while any(engine.slots[n].state is State.DRAINING for n in names):
+            while True:
+                with engine.decision():
+                    for n in list(pending):
+                        slot = engine.slots[n]
+                        if slot.state is State.PARKING:
+                            continue  # its parking thread owns it: drain it once parked
+                        pending.remove(n)
+                        drain = ev.DrainRequested(data={"reason": reason, "by": by})
+                        if begin_drain(engine, slot, drain):
+                            in_background(f"stop-{n}", partial(finish_stop, engine, slot))
+                if not pending and not any(engine.slots[n].state is State.DRAINING for n in names):
+                    return notes
                 left = deadline - engine.clock.monotonic()
                 if left <= 0:
                     raise RequestTimeout(f"stopping {', '.join(names)} took too long")
                 engine.cond.wait(min(left, _POLL_S))
-        return notes
 
     # ------------------------------------------------------------ prefetch
     def prefetch(self, upcoming: str, after: str, client: str) -> tuple[str, ...]:

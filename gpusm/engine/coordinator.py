@@ -22,7 +22,7 @@ from gpusm.config import Config, load_config
 from gpusm.domain import events as ev
 from gpusm.domain import policy
 from gpusm.domain.events import RecordedEvent
-from gpusm.domain.states import RUNNING_STATES, State
+from gpusm.domain.states import RUNNING_STATES, SETTLING_STATES, State
 from gpusm.engine.admission import Admission, Request
 from gpusm.engine.lifecycle import finish_stop, in_background, join_background
 from gpusm.engine.monitor import Monitor
@@ -155,6 +155,8 @@ class Coordinator:
                 self._monitor.stop()
             join_background(timeout_s=30.0)
             closers = [engine.health.close, engine.probe.close, engine.store.close]
+            if engine.control is not None:
+                closers.insert(1, engine.control.close)
             closers += [runtime.close for runtime in engine.runtimes.values()]
             for closer in closers:
                 # Closing is best effort; nothing recorded is at stake.
@@ -341,7 +343,11 @@ class Coordinator:
         with engine.cond:
             for client in list(engine.leases):
                 self.release(client)
-            names = [s.name for s in engine.slots.values() if s.state in RUNNING_STATES]
+            names = [
+                s.name
+                for s in engine.slots.values()
+                if s.state in RUNNING_STATES or s.state in (State.PARKING, State.PARKED)
+            ]
         deadline = engine.clock.monotonic() + self._admission.default_timeout([])
         return self._admission.stop_and_wait(
             names, f"release of every service by {by}", by, deadline, "release"
@@ -375,11 +381,12 @@ class Coordinator:
                 self._engine.record(slot, ev.Reset(data={"by": by}))
 
     def wait_settled(self, timeout: float = 60.0) -> bool:
-        """Wait until no service is starting or draining (prefetches included); True if so."""
+        """Wait until no service is starting, draining, parking or waking (prefetches
+        included); True if so."""
         engine = self._engine
         deadline = engine.clock.monotonic() + timeout
         with engine.cond:
-            while any(s.state in (State.STARTING, State.DRAINING) for s in engine.slots.values()):
+            while any(s.state in SETTLING_STATES for s in engine.slots.values()):
                 left = deadline - engine.clock.monotonic()
                 if left <= 0 or engine.closed:
                     return False

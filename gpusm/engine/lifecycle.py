@@ -30,7 +30,9 @@ __all__ = [
     "finish_stop",
     "in_background",
     "join_background",
+    "releasing_on_error",
     "run_start",
+    "wait_lease_released",
 ]
 
 _log = logging.getLogger("gpusm")
@@ -69,10 +71,13 @@ def join_background(timeout_s: float) -> None:
             thread.join(timeout=timeout_s)
 
 
-def begin_start(engine: Engine, slot: Slot, data: dict[str, Any]) -> None:
-    """Commit ``StartRequested`` and take ownership (caller holds the lock)."""
+def begin_start(engine: Engine, slot: Slot, data: dict[str, Any], fallback: bool = False) -> None:
+    """Commit ``StartRequested`` and take ownership (caller holds the lock).
+
+    ``fallback``: the start follows a failed wake, by the thread that owns the slot.
+    """
     slot.apply_pending()  # a start always runs the newest config
-    slot.claim_start(engine.clock.monotonic())
+    slot.claim_start(engine.clock.monotonic(), fallback)
     try:
         vram = engine.vram_data(slot.config.gpu)
         fingerprint = {"config": slot.config.fingerprint()}
@@ -88,18 +93,25 @@ def run_start(engine: Engine, slot: Slot) -> None:
     Whatever goes wrong, the busy flag is released: a start left STARTING without an
     owner is drained by the monitor, a stop left DRAINING is retried by it.
     """
-    with _releasing_on_error(engine, slot):
+    with releasing_on_error(engine, slot):
         _run_start(engine, slot)
 
 
-def finish_stop(engine: Engine, slot: Slot, wait_for_leases: bool = False) -> None:
-    """Stop the draining service, verify its VRAM is back, record ``Stopped``."""
-    with _releasing_on_error(engine, slot):
-        _finish_stop(engine, slot, wait_for_leases)
+def finish_stop(
+    engine: Engine, slot: Slot, wait_for_leases: bool = False, keep_claim: bool = False
+) -> None:
+    """Stop the draining service, verify its VRAM is back, record ``Stopped``.
+
+    ``keep_claim``: the caller goes on owning the slot afterwards (a failed wake's
+    restart); on an error it is released all the same.
+    """
+    with releasing_on_error(engine, slot):
+        _finish_stop(engine, slot, wait_for_leases, keep_claim)
 
 
 @contextmanager
-def _releasing_on_error(engine: Engine, slot: Slot) -> Iterator[None]:
+def releasing_on_error(engine: Engine, slot: Slot) -> Iterator[None]:
+    """Whatever escapes the block, the slot's owner lets go of it (recording why)."""
     try:
         yield
     except BaseException as exc:
@@ -212,16 +224,16 @@ def begin_drain(engine: Engine, slot: Slot, event: ev.ServiceEvent) -> bool:
     A service that is starting is owned by its starting thread, which sees the drain
     and stops it; the caller then only waits.
     """
-    if slot.state not in RUNNING_STATES:
+    if slot.state not in RUNNING_STATES and slot.state is not State.PARKED:
         return False
     engine.record(slot, type(event)(data={**event.data, **engine.vram_data(slot.config.gpu)}))
     return slot.claim()
 
 
-def _finish_stop(engine: Engine, slot: Slot, wait_for_leases: bool) -> None:
+def _finish_stop(engine: Engine, slot: Slot, wait_for_leases: bool, keep_claim: bool) -> None:
     crash_point("after_drain_requested")
     if wait_for_leases:
-        _wait_lease_released(engine, slot)
+        wait_lease_released(engine, slot)
     handle = slot.handle
     data: dict[str, Any] = {}
     pids = engine.pids(slot)
@@ -267,7 +279,8 @@ def _finish_stop(engine: Engine, slot: Slot, wait_for_leases: bool) -> None:
         slot.detach(error=data.get("error"))
         # DRAINING -> STOPPED
         engine.record(slot, ev.Stopped(data=data))
-        slot.release()
+        if not keep_claim or error is not None:
+            slot.release()
     if error is not None:
         raise error
 
@@ -284,8 +297,9 @@ def _held_mib(engine: Engine, slot: Slot, pids: set[int]) -> tuple[int, int | No
     return held, unattributed_mib(snap) + slack
 
 
-def _wait_lease_released(engine: Engine, slot: Slot) -> None:
-    """Preemption: no new dispatch; give the holders up to ``drain_timeout_s`` to let go."""
+def wait_lease_released(engine: Engine, slot: Slot) -> None:
+    """Preemption: no new dispatch; give the holders up to ``drain_timeout_s`` to let go;
+    whoever still holds it then loses its lease."""
     deadline = engine.clock.monotonic() + slot.config.drain_timeout_s
     with engine.cond:
         while slot.name in engine.leased() and not engine.closed:

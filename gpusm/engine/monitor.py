@@ -1,11 +1,13 @@
 """Liveness: a background thread that notices crashes, failing health, growth and idleness.
 
-Each tick it (1) records ``Crashed`` for a healthy service whose process is gone, or
-that failed its health check ``failures_before_crash`` times in a row (after stopping
-it); (2) restarts crashed services that a client still needs, with exponential backoff
-and a start budget per window, after which the service goes to ``failed``; (3) records
-``VramObserved`` when a service's measured use exceeds its learned peak; (4) stops idle
-services whose ``idle_ttl_s`` has passed; (5) retries stops that failed; (6) every
+Each tick it (1) records ``Crashed`` for a healthy or parked service whose process is
+gone, or a healthy one that failed its health check ``failures_before_crash`` times in a
+row (after stopping it); (2) restarts crashed services that a client still needs, with
+exponential backoff and a start budget per window, after which the service goes to
+``failed``; (3) records ``VramObserved`` when a service's measured use exceeds its
+learned peak; (4) parks (if it can) or stops idle services whose ``idle_ttl_s`` has
+passed, and stops parked ones idle for another TTL; (5) retries stops that failed, and
+turns starts, parks and wakes that lost their owner into stops; (6) every
 ``sweep_interval_s``, reaps marked processes that outlived their instance (``sweep``).
 """
 
@@ -19,6 +21,7 @@ from gpusm.domain import events as ev
 from gpusm.domain import policy
 from gpusm.domain.states import State
 from gpusm.engine.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
+from gpusm.engine.parking import begin_park, finish_park
 from gpusm.engine.reload import retire_stale
 from gpusm.engine.state import Engine, Slot
 from gpusm.engine.sweep import SWEEP_INTERVAL_S, sweep
@@ -95,14 +98,26 @@ class Monitor:
         engine = self.engine
         if slot.state is State.HEALTHY and not slot.busy:
             self._check_liveness(slot)
+        elif slot.state is State.PARKED and not slot.busy:
+            # A parked server is not asked for health (it may answer only once awake).
+            handle = slot.handle
+            if handle is None or not engine.runtime(slot).is_alive(handle):
+                self._crashed(slot, handle, "process exited while parked", None)
+                return
         with engine.cond:
             if slot.busy or engine.closed:
                 return
+            abandoned = f"abandoned: {slot.last_error or 'its owner failed'}"
             if slot.state is State.STARTING:
                 # A start whose owner gave up on an error: nobody will finish it.
-                reason = f"start abandoned: {slot.last_error or 'its owner failed'}"
-                if not begin_drain(engine, slot, ev.DrainRequested(data={"reason": reason})):
+                event = ev.DrainRequested(data={"reason": f"start {abandoned}"})
+                if not begin_drain(engine, slot, event):
                     return
+            elif slot.state in (State.PARKING, State.WAKING):
+                # A park or wake whose owner gave up: stop it (verified), as a failed one.
+                failed = ev.ParkFailed if slot.state is State.PARKING else ev.WakeFailed
+                engine.record(slot, failed(data={"reason": f"{slot.state.value} {abandoned}"}))
+                slot.claim()
             elif slot.state is State.DRAINING:
                 slot.claim()  # a stop that failed before: try again
             else:
@@ -137,12 +152,13 @@ class Monitor:
         if exit_code is None and handle is not None:
             exit_code = engine.runtime_of(handle).exit_code(handle)
         with engine.cond:
-            if slot.state is not State.HEALTHY or slot.busy or slot.handle != handle:
+            watched = (State.HEALTHY, State.PARKED)
+            if slot.state not in watched or slot.busy or slot.handle != handle:
                 return
             slot.detach(error=reason)
             slot.count_probe(True)
             data = {"reason": reason, "exit_code": exit_code, **engine.vram_data(slot.config.gpu)}
-            # HEALTHY -> STOPPED: it died unasked
+            # HEALTHY | PARKED -> STOPPED: it died unasked
             engine.record(slot, ev.Crashed(data=data))
             self._schedule_restart(slot)
 
@@ -231,8 +247,9 @@ class Monitor:
                     usage[owner] = usage.get(owner, 0) + snap.processes.get(pid, 0)
                 for name, used in usage.items():
                     slot = engine.slots[name]
-                    # Loading is often when a service peaks: learn from STARTING too.
-                    active = slot.state in (State.STARTING, State.HEALTHY)
+                    # Loading is often when a service peaks: learn from STARTING (and
+                    # from a wake) too; never from a park, which is meant to shrink.
+                    active = slot.state in (State.STARTING, State.HEALTHY, State.WAKING)
                     if active and slot.learn_peak(used):
                         engine.record(
                             slot,
@@ -250,8 +267,9 @@ class Monitor:
             for name in names:
                 slot = engine.slots[name]
                 ttl = slot.config.idle_ttl_s
-                event = ev.DrainRequested(
-                    data={"reason": f"idle for {ttl:g}s (idle_ttl_s)", "by": "monitor"}
-                )
-                if begin_drain(engine, slot, event):
+                data = {"reason": f"idle for {ttl:g}s (idle_ttl_s)", "by": "monitor"}
+                # A service that can park parks first; parked for another TTL, it stops.
+                if begin_park(engine, slot, ev.ParkRequested(data=data)):
+                    in_background(f"park-{name}", partial(finish_park, engine, slot))
+                elif begin_drain(engine, slot, ev.DrainRequested(data=data)):
                     in_background(f"stop-{name}", partial(finish_stop, engine, slot))

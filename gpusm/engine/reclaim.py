@@ -12,11 +12,13 @@ at most ten probes a second.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gpusm.clock import SystemClock
 from gpusm.errors import VramNotReclaimed
 from gpusm.ports import Clock, DeviceSnapshot, GpuProbe
 
-__all__ = ["FIRST_POLL_S", "MAX_POLL_S", "unattributed_mib", "wait_reclaimed"]
+__all__ = ["FIRST_POLL_S", "MAX_POLL_S", "unattributed_mib", "wait_parked", "wait_reclaimed"]
 
 # First gap between probes.
 FIRST_POLL_S = 0.005
@@ -67,6 +69,40 @@ def wait_reclaimed(
         # first 200 ms, then back off.
         if now - began > _FAST_PHASE_S:
             gap = min(gap * _GROWTH, cap)
+
+
+def wait_parked(
+    probe: GpuProbe,
+    *,
+    pids_of: Callable[[], set[int]],
+    max_held_mib: int,
+    device: int,
+    settle_timeout_s: float,
+    clock: Clock,
+    alive: Callable[[], bool] = lambda: True,
+) -> tuple[bool, int, float]:
+    """Wait until the pids of a parking service (``pids_of()``, asked on every poll: a
+    server's workers come and go) hold at most ``max_held_mib`` MiB together.
+
+    Returns (parked, MiB they held at the last reading, seconds waited). It gives up
+    (False) after ``settle_timeout_s``, or at once when ``alive()`` turns false. The
+    polls back off as :func:`wait_reclaimed`'s do. GpuProbeError passes through.
+    """
+    began = clock.monotonic()
+    deadline = began + settle_timeout_s
+    gap = FIRST_POLL_S
+    while True:
+        pids = pids_of()
+        snap = probe.snapshot(device)
+        held = sum(snap.processes.get(pid, 0) for pid in pids)
+        now = clock.monotonic()
+        if held <= max_held_mib and pids:
+            return True, held, now - began
+        if now >= deadline or not alive():
+            return False, held, now - began
+        clock.sleep(min(gap, deadline - now))
+        if now - began > _FAST_PHASE_S:
+            gap = min(gap * _GROWTH, MAX_POLL_S)
 
 
 def _reclaimed(

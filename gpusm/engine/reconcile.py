@@ -13,6 +13,18 @@ healthy                alive and healthy           ``Adopted``
 healthy / starting     dead, or pid reused         ``Crashed``
 healthy                alive, failing health       stop it, ``Crashed``
 draining               alive or dead               finish the stop, ``Stopped``
+parked                 alive, holding <= residual  ``Adopted`` (stays parked)
+                       + tolerance
+parked                 alive, holding more         probe health: ``Woken`` (treated as
+                                                   healthy, the numbers recorded), else stop
+                                                   it, ``Crashed``
+parking                alive                       finish the park: sleep steps again (they
+                                                   are idempotent), verify -> ``Parked``, or
+                                                   ``ParkFailed`` and a verified stop
+waking                 alive                       finish the wake -> ``Woken``, or
+                                                   ``WakeFailed``, a verified stop, a restart
+parked / parking /     dead                        ``Crashed``
+waking
 any                    memory held by a pid that   counted as foreign usage, never touched
                        is not ours
 =====================  ==========================  =========================================
@@ -24,6 +36,7 @@ grow with the length of the log.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from gpusm.domain import events as ev
@@ -31,6 +44,7 @@ from gpusm.domain.events import COORDINATOR_STREAM
 from gpusm.domain.machine import ServiceMachine
 from gpusm.domain.states import ACTIVE_STATES, State
 from gpusm.engine.lifecycle import finish_stop
+from gpusm.engine.parking import finish_park, run_wake
 from gpusm.engine.state import Engine, Slot
 from gpusm.errors import GpusmError
 from gpusm.ports import EventQuery, Handle
@@ -83,6 +97,9 @@ def _restore(engine: Engine, slot: Slot, machine: ServiceMachine) -> None:
     peak = engine.last_event(slot.name, ["VramObserved"])
     peak_mib = int(peak.data.get("peak_mib", 0)) if peak is not None else 0
     slot.restore(machine, handle, peak_mib, engine.clock.monotonic())
+    parked = engine.last_event(slot.name, ["Parked"])
+    if parked is not None and isinstance(parked.data.get("held_mib"), int):
+        slot.learn_residual(int(parked.data["held_mib"]))
     _restore_history(engine, slot)
     loads = engine.store.read(
         EventQuery(stream=slot.name, types=["HealthPassed"], newest_first=True, limit=9)
@@ -172,6 +189,8 @@ def _reconcile(engine: Engine, slot: Slot, extra: list[Handle]) -> list[str]:
             return [f"{slot.name}: adopted"]
         _stop_handle(engine, slot)
         return [_crashed(engine, slot, f"alive but unhealthy on recovery: {result.reason}")]
+    if state in (State.PARKED, State.PARKING, State.WAKING):
+        return [_reconcile_parked(engine, slot)]
     if state is State.DRAINING:
         if slot.handle is None and extra:
             # Drained before its launch was recorded: the marked instance is what to stop.
@@ -183,6 +202,57 @@ def _reconcile(engine: Engine, slot: Slot, extra: list[Handle]) -> list[str]:
             return [f"{slot.name}: stop finished with an error: {exc}"]
         return [f"{slot.name}: finished the interrupted stop"]
     return []
+
+
+def _reconcile_parked(engine: Engine, slot: Slot) -> str:
+    state = slot.state
+    if not _alive(engine, slot):
+        return _crashed(engine, slot, f"found dead on recovery while {state.value}")
+    if slot.parking is None:
+        # Its config lost park: since: it cannot be woken, only stopped.
+        reason = "no park: config any more"
+        engine.record(slot, ev.DrainRequested(data={"reason": reason, "by": "recovery"}))
+        slot.claim()
+        return _finish(engine, slot, "stopped: no park: config any more")
+    if state is State.PARKING:
+        slot.claim()
+        return _finish(engine, slot, "finished the interrupted park", finish_park)
+    if state is State.WAKING:
+        slot.claim_wake(engine.clock.monotonic())
+        return _finish(engine, slot, "finished the interrupted wake", run_wake)
+    held = _held(engine, slot)
+    limit = (slot.residual_mib or 0) + slot.parking.tolerance_mib
+    if held is not None and held <= limit:
+        data = {**_handle_data(slot), "held_mib": held, "reason": "alive and parked"}
+        engine.record(slot, ev.Adopted(data=data))
+        return f"{slot.name}: adopted, parked"
+    result = engine.health.probe(slot.config.health)
+    if result.ok:
+        reason = f"found holding {held} MiB on recovery, more than {limit} MiB: awake"
+        engine.record(slot, ev.Woken(data={"reason": reason, "held_mib": held}))
+        return f"{slot.name}: {reason}"
+    _stop_handle(engine, slot)
+    return _crashed(engine, slot, f"parked, holding {held} MiB, unhealthy: {result.reason}")
+
+
+def _finish(
+    engine: Engine, slot: Slot, done: str, step: Callable[[Engine, Slot], None] = finish_stop
+) -> str:
+    """Run the interrupted step to its end (the slot is claimed); what it did."""
+    try:
+        step(engine, slot)
+    except GpusmError as exc:
+        return f"{slot.name}: {done}, with an error: {exc}"
+    return f"{slot.name}: {done} ({slot.state.value})"
+
+
+def _held(engine: Engine, slot: Slot) -> int | None:
+    """MiB the service's processes hold now; None if the GPU cannot be read."""
+    try:
+        snap = engine.snapshot(slot.config.gpu)
+    except GpusmError:
+        return None
+    return sum(snap.processes.get(pid, 0) for pid in engine.pids(slot))
 
 
 def _retire(engine: Engine, slot: Slot, kind: str) -> str:

@@ -138,7 +138,9 @@ def retire_stale(engine: Engine) -> list[Slot]:
             continue
         if slot.state is State.STOPPED or slot.state is State.FAILED:
             settle(engine, slot)
-        elif slot.state is State.HEALTHY and (slot.removed or slot.name not in engine.leased()):
+        elif slot.state in (State.HEALTHY, State.PARKED) and (
+            slot.removed or slot.name not in engine.leased()
+        ):
             why = "removed from the config" if slot.removed else "its config changed"
             event = ev.DrainRequested(data={"reason": f"{why} (reload)", "by": "reload"})
             if begin_drain(engine, slot, event):

@@ -24,6 +24,7 @@ from gpusm.domain.pipeline import typical_load_s
 from gpusm.domain.states import ACTIVE_STATES, State
 from gpusm.engine.leases import Lease, LeaseBook
 from gpusm.errors import GpuProbeError, GpusmError, ServiceRuntimeError
+from gpusm.park_config import ParkSteps
 from gpusm.ports import (
     Clock,
     DeviceSnapshot,
@@ -33,6 +34,7 @@ from gpusm.ports import (
     Handle,
     HealthCheck,
     Runtime,
+    ServiceControl,
 )
 
 __all__ = ["Engine", "Lease", "Slot"]
@@ -73,6 +75,11 @@ class Slot:
     pending: ServiceConfig | None = None
     # Removed from the config by a reload: dropped once stopped.
     removed: bool = False
+    # The most a park of it was seen to keep (raises the residual it reserves).
+    learned_residual_mib: int = 0
+    # Monotonic time the wake in flight began.
+    wake_started: float = 0.0
+    _steps: tuple[ServiceConfig, ParkSteps | None] | None = None
 
     @property
     def name(self) -> str:
@@ -86,14 +93,42 @@ class Slot:
     def reservation(self) -> int:
         return max(self.config.vram_mib, self.learned_peak_mib)
 
+    @property
+    def parking(self) -> ParkSteps | None:
+        """How it parks and wakes (None: it cannot), resolved once per config."""
+        if self._steps is None or self._steps[0] is not self.config:
+            self._steps = (self.config, self.config.park_steps())
+        return self._steps[1]
+
+    @property
+    def residual_mib(self) -> int | None:
+        """What it keeps while parked: the configured residual, or more once a park was
+        seen to keep more; None when it cannot park."""
+        steps = self.parking
+        return None if steps is None else max(steps.residual_mib, self.learned_residual_mib)
+
     # ------------------------------------------------------------ ownership
-    def claim_start(self, now: float) -> None:
-        """Own a new start: fresh generation, error and failure count; the start's deadline."""
+    def claim_start(self, now: float, fallback: bool = False) -> None:
+        """Own a new start: fresh generation, error and failure count; the start's deadline.
+
+        ``fallback``: the start replaces a failed wake of the same request, which keeps
+        its generation (the request's failures are still its own).
+        """
+        self.busy = True
+        self.last_error = None
+        self.health_failures = 0
+        if not fallback:
+            self.generation += 1
+        self.start_times.append(now)
+        self.start_deadline = now + self.config.health.timeout_s
+
+    def claim_wake(self, now: float) -> None:
+        """Own a wake: fresh generation and error; the health check's deadline applies."""
         self.busy = True
         self.last_error = None
         self.health_failures = 0
         self.generation += 1
-        self.start_times.append(now)
+        self.wake_started = now
         self.start_deadline = now + self.config.health.timeout_s
 
     def claim(self) -> bool:
@@ -133,6 +168,7 @@ class Slot:
             return False
         self.config, self.pending = self.pending, None
         self.learned_peak_mib = 0  # a changed service may be another size now
+        self.learned_residual_mib = 0
         self.load_samples = []
         return True
 
@@ -154,6 +190,10 @@ class Slot:
     def load_cost_s(self) -> float:
         """What starting it costs: the median measured load, else the declared ``load_s``."""
         return typical_load_s(self.load_samples, self.config.load_s)
+
+    def learn_residual(self, held_mib: int) -> None:
+        """A verified park kept ``held_mib``: reserve at least that while parked."""
+        self.learned_residual_mib = max(self.learned_residual_mib, held_mib)
 
     def learn_peak(self, used_mib: int) -> bool:
         """Raise the learned peak to ``used_mib``; True if it grew."""
@@ -198,6 +238,7 @@ class Engine:
         health: HealthCheck,
         clock: Clock,
         open_runtime: Callable[[str], Runtime] | None = None,
+        control: ServiceControl | None = None,
     ) -> None:
         self.config = config
         # Computed once per config (status shows it on every read).
@@ -208,6 +249,8 @@ class Engine:
         self.probe = probe
         self.runtimes = dict(runtimes)
         self.health = health
+        # Sends park and wake requests; without one, a park or wake step over HTTP fails.
+        self.control = control
         self.clock = clock
         self.cond = threading.Condition(threading.RLock())
         self.slots: dict[str, Slot] = {
@@ -402,6 +445,8 @@ class Engine:
                 idle_ttl_s=slot.config.idle_ttl_s,
                 next_use=uses.get(name),
                 load_cost_s=slot.load_cost_s,
+                residual_mib=slot.residual_mib,
+                state_since=slot.state_since,
             )
             for name, slot in self.slots.items()
             if device is None or slot.config.gpu == device

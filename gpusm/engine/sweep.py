@@ -9,7 +9,7 @@ event naming the instance it outlived.
 
 from __future__ import annotations
 
-from gpusm.domain.states import State
+from gpusm.domain.states import SETTLING_STATES
 from gpusm.engine.reconcile import reap
 from gpusm.engine.state import Engine
 from gpusm.errors import GpusmError
@@ -20,7 +20,7 @@ __all__ = ["SWEEP_INTERVAL_S", "sweep"]
 # Seconds between two sweeps: a full process-table walk, so rarely.
 SWEEP_INTERVAL_S = 10.0
 
-_UNSETTLED = (State.STARTING, State.DRAINING)
+_UNSETTLED = SETTLING_STATES
 
 
 def sweep(engine: Engine) -> list[str]:

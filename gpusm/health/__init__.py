@@ -12,6 +12,7 @@ from gpusm.health.checks import (
     Health,
     next_interval,
 )
+from gpusm.health.control import HttpControl, MemoryControl
 from gpusm.health.memory import MemoryHealth
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "MAX_INTERVAL_S",
     "MIN_INTERVAL_S",
     "Health",
+    "HttpControl",
+    "MemoryControl",
     "MemoryHealth",
     "next_interval",
 ]

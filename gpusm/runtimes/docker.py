@@ -230,6 +230,16 @@ class DockerRuntime:
             )
         self._remove(container, handle, force=False)
 
+    def signal(self, handle: Handle, name: str) -> None:
+        """Send the signal ``name`` to the container's main process (``docker kill -s``)."""
+        container = self._find(handle, ServiceRuntimeError)
+        if container is None or not container.attrs["State"].get("Running"):
+            raise ServiceRuntimeError(handle.service, f"cannot send {name}: it is not running")
+        try:
+            container.kill(signal=name)
+        except (docker.errors.DockerException, OSError) as exc:
+            self._fail(exc, handle.service, ServiceRuntimeError, f"send {name} to")
+
     def exit_code(self, handle: Handle) -> int | None:
         """The container's exit status once it stopped running; never raises.
 

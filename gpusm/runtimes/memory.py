@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gpusm.clock import SystemClock
-from gpusm.errors import ServiceStartFailed
+from gpusm.errors import ServiceRuntimeError, ServiceStartFailed
 from gpusm.ports import Clock, Handle, Runtime, StopResult
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class MemoryRuntime:
     - ``on_start(handle, config)`` / ``on_exit(handle)``: called when an instance
       starts and when it ends (stop, kill), e.g. to make a fake GPU allocate and free.
     - ``logs``: per service, what every instance of it wrote (``log_tail``'s source).
+    - ``on_signal(handle, name)``: what a signal does (``signals`` lists those sent).
     """
 
     def __init__(
@@ -106,6 +107,9 @@ class MemoryRuntime:
         self.on_exit: Callable[[Handle], None] | None = None
         self.logs: dict[str, str] = {}
         self.started: list[Handle] = []
+        # Every signal sent (``signal``), and what each one does to an instance.
+        self.signals: list[tuple[Handle, str]] = []
+        self.on_signal: Callable[[Handle, str], None] | None = None
         self.stopped: list[tuple[Handle, StopResult]] = []
 
     def reopen(self) -> MemoryRuntime:
@@ -190,6 +194,18 @@ class MemoryRuntime:
         for proc in victims:
             self._end(proc, exit_code)
         return [p.handle for p in victims]
+
+    def signal(self, handle: Handle, name: str) -> None:
+        """Record the signal and call ``on_signal``; ServiceRuntimeError if it is gone."""
+        if self._find(handle) is None:
+            raise ServiceRuntimeError(handle.service, f"cannot send {name}: it is not running")
+        self.signals.append((handle, name))
+        if self.on_signal is not None:
+            self.on_signal(handle, name)
+        elif name in ("SIGKILL", "SIGTERM", "SIGINT"):
+            proc = self._find(handle)
+            if proc is not None:
+                self._end(proc, -9 if name == "SIGKILL" else -15)
 
     def exit_code(self, handle: Handle) -> int | None:
         """How the instance ended (negative: by that signal); None while it runs."""

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from gpusm import procs
 from gpusm.config import NativeServiceConfig
-from gpusm.errors import ServiceStartFailed, ServiceStopFailed
+from gpusm.errors import ServiceRuntimeError, ServiceStartFailed, ServiceStopFailed
 from gpusm.ports import Handle, Runtime, StopResult
 from gpusm.procs import Proc
 
@@ -204,6 +204,16 @@ class NativeRuntime:
     def is_alive(self, handle: Handle) -> bool:
         """Whether the handle's process runs, is not a zombie, and has the handle's create time."""
         return self._process(handle) is not None
+
+    def signal(self, handle: Handle, name: str) -> None:
+        """Send the signal ``name`` to the instance's top process (a park or wake step)."""
+        proc = self._process(handle)
+        if proc is None:
+            raise ServiceRuntimeError(handle.service, f"cannot send {name}: it is not running")
+        try:
+            os.kill(proc.pid, signal.Signals[name])
+        except (KeyError, OSError) as exc:
+            raise ServiceRuntimeError(handle.service, f"cannot send {name}: {exc}") from exc
 
     def exit_code(self, handle: Handle) -> int | None:
         """The exit status of a child this OS process launched, once it ended; else None.

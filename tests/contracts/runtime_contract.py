@@ -42,7 +42,7 @@ import pytest
 
 from gpusm import procs
 from gpusm.config import ServiceConfig
-from gpusm.errors import GpusmError, ServiceStartFailed
+from gpusm.errors import GpusmError, ServiceRuntimeError, ServiceStartFailed
 from gpusm.ports import Handle, Runtime
 from tests.support import eventually
 
@@ -217,6 +217,17 @@ class RuntimeContract(abc.ABC):
         handle = self.start(runtime, self.exiting_service(runtime, self.name()), ready=False)
         eventually(lambda: not runtime.is_alive(handle), self.patience_s, "seen dead")
         assert runtime.stop(handle, self.grace_s).already_dead
+
+    def test_signal_reaches_the_instance(self, runtime: Runtime) -> None:
+        handle = self.start(runtime, self.sleeping_service(runtime, self.name()))
+        runtime.signal(handle, "SIGKILL")
+        eventually(lambda: not runtime.is_alive(handle), self.patience_s, "killed by the signal")
+
+    def test_signal_to_an_instance_that_is_gone_names_it(self, runtime: Runtime) -> None:
+        handle = self.start(runtime, self.sleeping_service(runtime, self.name()))
+        runtime.stop(handle, self.grace_s * 10)
+        with pytest.raises(ServiceRuntimeError, match="cannot send SIGUSR1: it is not running"):
+            runtime.signal(handle, "SIGUSR1")
 
     def test_second_stop_reports_already_dead(self, runtime: Runtime) -> None:
         handle = self.start(runtime, self.sleeping_service(runtime, self.name()))

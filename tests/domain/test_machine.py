@@ -32,6 +32,20 @@ EXPECTED: dict[tuple[State, str], State] = {
     (S.STOPPED, "adopt"): S.HEALTHY,
     (S.STARTING, "adopt"): S.HEALTHY,
     (S.HEALTHY, "adopt"): S.HEALTHY,
+    # The parked tier.
+    (S.HEALTHY, "request_park"): S.PARKING,
+    (S.PARKING, "parked"): S.PARKED,
+    (S.PARKING, "park_failed"): S.DRAINING,
+    (S.PARKED, "request_wake"): S.WAKING,
+    (S.WAKING, "woken"): S.HEALTHY,
+    (S.PARKED, "woken"): S.HEALTHY,
+    (S.WAKING, "wake_failed"): S.DRAINING,
+    (S.PARKED, "drain"): S.DRAINING,
+    (S.WAKING, "drain"): S.DRAINING,
+    (S.PARKING, "crashed"): S.STOPPED,
+    (S.PARKED, "crashed"): S.STOPPED,
+    (S.WAKING, "crashed"): S.STOPPED,
+    (S.PARKED, "adopt"): S.PARKED,
     **{(state, "observe"): state for state in S},
 }
 
@@ -47,6 +61,12 @@ EVENT_FOR_TRIGGER = {
     "reset": ev.Reset,
     "adopt": ev.Adopted,
     "observe": ev.VramObserved,
+    "request_park": ev.ParkRequested,
+    "parked": ev.Parked,
+    "park_failed": ev.ParkFailed,
+    "request_wake": ev.WakeRequested,
+    "woken": ev.Woken,
+    "wake_failed": ev.WakeFailed,
 }
 
 ALL_PAIRS = [(state, trigger) for state in S for trigger in sorted(TRIGGERS)]
@@ -123,6 +143,9 @@ def test_state_groups() -> None:
     assert S.STOPPED not in ACTIVE_STATES
     assert S.FAILED not in ACTIVE_STATES
     assert S.DRAINING in ACTIVE_STATES - RUNNING_STATES
+    # A parked process is alive and holds its residual; it is not counted on for work.
+    assert {S.PARKING, S.PARKED} <= ACTIVE_STATES - RUNNING_STATES
+    assert S.WAKING in RUNNING_STATES
 
 
 def test_can_reports_legality_without_moving() -> None:

@@ -107,16 +107,23 @@ def test_plan_obeys_the_admission_rules(case: Case) -> None:
 
     needed = set(case.needed)
     leased = set().union(*case.leases.values())
+    # A parked service (residual 0 here: no view can park) is an idle candidate too.
     others = [
-        v for v in case.services.values() if v.state in RUNNING_STATES and v.name not in needed
+        v
+        for v in case.services.values()
+        if v.state in RUNNING_STATES | {State.PARKED} and v.name not in needed
     ]
     idle = order([v for v in others if v.name not in leased])
     preemptable = order([v for v in others if v.name in leased and v.priority < priority])
     blockers = sorted(v.name for v in others if v.name in leased and v.priority >= priority)
     candidates = idle + preemptable
 
+    # A parked service already holds its residual (0 here): it needs the rest.
     need = sum(
-        case.services[n].reservation for n in needed if case.services[n].state not in RUNNING_STATES
+        max(case.services[n].vram_mib, case.services[n].learned_peak_mib)
+        - (case.services[n].reservation if case.services[n].state is State.PARKED else 0)
+        for n in needed
+        if case.services[n].state not in RUNNING_STATES
     )
     assert plan.need_mib == need
     in_order = list(dict.fromkeys(case.needed))

@@ -26,7 +26,7 @@ __all__ = ["LAYERS", "LIBRARIES", "NARROW", "Import", "Violation", "check_tree",
 # (layer, module patterns); a package pattern "gpusm.x.*" also covers "gpusm.x".
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bottom", ("gpusm.errors", "gpusm.version", "gpusm.clock", "gpusm.crashpoints")),
-    ("model", ("gpusm.domain.*", "gpusm.results", "gpusm.config")),
+    ("model", ("gpusm.domain.*", "gpusm.results", "gpusm.park_config", "gpusm.config")),
     ("ports", ("gpusm.ports", "gpusm.procs", "gpusm.lock")),
     (
         "adapters and engine",
@@ -49,12 +49,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # Packages that may import less than their layer allows: importer pattern -> allowed.
 NARROW: dict[str, tuple[str, ...]] = {
     "gpusm.domain.*": ("gpusm.domain.*", "gpusm.errors"),
-    "gpusm.ports": ("gpusm.domain.*", "gpusm.config", "gpusm.errors"),
+    "gpusm.ports": ("gpusm.domain.*", "gpusm.config", "gpusm.park_config", "gpusm.errors"),
     "gpusm.engine.*": (
         "gpusm.engine.*",
         "gpusm.ports",
         "gpusm.domain.*",
         "gpusm.config",
+        "gpusm.park_config",
         "gpusm.errors",
         "gpusm.results",
         "gpusm.clock",
@@ -78,7 +79,7 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
     "typer": ("gpusm.cli.*",),
     "rich": ("gpusm.cli.*",),
     "yaml": ("gpusm.config",),
-    "pydantic": ("gpusm.config", "gpusm.wire", "gpusm.api.*"),
+    "pydantic": ("gpusm.config", "gpusm.park_config", "gpusm.wire", "gpusm.api.*"),
     "httpx": ("gpusm.health.*", "gpusm.client", "gpusm.api.proxy*", "gpusm.notify.*"),
 }
 
