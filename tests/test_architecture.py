@@ -68,8 +68,8 @@ def _plant(tmp_path: Path, files: dict[str, str]) -> list[str]:
         pytest.param(
             {"gpusm/engine/monitor.py": "from gpusm import procs\n", "gpusm/procs.py": ""},
             "gpusm/engine/monitor.py:1: imports gpusm.procs - gpusm.engine.* imports only "
-            "gpusm.engine.*, gpusm.ports, gpusm.domain.*, gpusm.config, gpusm.errors, "
-            "gpusm.results, gpusm.clock, gpusm.crashpoints",
+            "gpusm.engine.*, gpusm.ports, gpusm.domain.*, gpusm.config, gpusm.park_config, "
+            "gpusm.errors, gpusm.results, gpusm.clock, gpusm.crashpoints",
             id="engine-os",
         ),
         pytest.param(

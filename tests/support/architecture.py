@@ -26,7 +26,8 @@ __all__ = ["LAYERS", "LIBRARIES", "NARROW", "Import", "Violation", "check_tree",
 # (layer, module patterns); a package pattern "gpusm.x.*" also covers "gpusm.x".
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bottom", ("gpusm.errors", "gpusm.version", "gpusm.clock", "gpusm.crashpoints")),
-    ("model", ("gpusm.domain.*", "gpusm.results", "gpusm.park_config", "gpusm.config")),
+    ("model", ("gpusm.domain.*", "gpusm.results", "gpusm.park_config")),
+    ("config", ("gpusm.config",)),
     ("ports", ("gpusm.ports", "gpusm.procs", "gpusm.lock")),
     (
         "adapters and engine",
