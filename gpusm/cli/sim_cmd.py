@@ -262,10 +262,10 @@ def service(
     """A fake model server: GET /health is 503 while loading VRAM, 200 when ready.
 
     Once ready it can be parked (memory freed down to --residual-mib + --leak-mib) and
-    woken (memory back after --wake-s) with the requests of vLLM (POST /sleep, /wake_up),
-    SGLang (POST /release_memory_occupation, /resume_memory_occupation), Ollama (POST
-    /api/generate with keep_alive 0 or -1), ComfyUI (POST /free, /prompt) and llama.cpp's
-    router (POST /models/unload, /models/load); /health stays 200 while parked.
+    woken (memory back after --wake-s) with the requests of vLLM (POST /sleep, /wake_up,
+    /collective_rpc), SGLang (POST /release_memory_occupation, /resume_memory_occupation),
+    Ollama (POST /api/generate with keep_alive 0 or -1), ComfyUI (POST /free, /prompt) and
+    llama.cpp's router (POST /models/unload, /models/load); /health stays 200 while parked.
 
     Exit codes: 0 stopped by SIGTERM/SIGINT, 1 crashed (--crash-after), 3 simulated OOM,
     4 port unavailable. Memory is freed by the process's exit, after the sim's lag.

@@ -9,29 +9,8 @@ exactly as a driver would.
 
 Once ready it can also be *parked* (its model memory freed down to ``residual_mib`` plus
 ``leak_mib``) and woken (the memory allocated again after ``wake_s``) through the request
-shapes of real servers, so that parking can be exercised without them:
-
-* vLLM (``--enable-sleep-mode``): ``POST /sleep?level=1|2`` parks, ``POST /wake_up``
-  wakes, ``GET /is_sleeping`` answers ``{"is_sleeping": bool}``.
-* SGLang: ``POST /release_memory_occupation`` parks, ``POST /resume_memory_occupation``
-  wakes (JSON body ``{"tags": [...]}`` optional; any tags free everything).
-* Ollama: ``POST /api/generate`` ``{"model": M, "keep_alive": 0}`` parks (``done_reason``
-  ``"unload"``); without a prompt and any other ``keep_alive`` it wakes (``"load"``); with a
-  prompt it wakes, answers a tiny completion, and parks afterwards if ``keep_alive`` is 0.
-  ``GET /api/ps`` lists the model while it is loaded. Another model name: 404.
-* ComfyUI: ``POST /free`` ``{"unload_models": true, "free_memory": true}`` answers 200 at
-  once and parks ``async_free_s`` later, in the background (the only asynchronous free);
-  ``POST /prompt`` answers ``{"prompt_id", "number", "node_errors"}`` at once and wakes in
-  the background, like a queued prompt.
-* llama.cpp router: ``POST /models/unload`` / ``POST /models/load`` ``{"model": M}`` park /
-  wake and answer ``{"success": true}``; ``GET /models`` lists the model. Another model: 404.
-
-Parking and waking are synchronous (the answer comes when the memory has moved) except
-for ComfyUI's, idempotent (200 when already parked/awake), serialized (a wake asked while
-parking waits for the park to finish, and the other way round), and answered 503 while
-loading or stopping. ``/health`` stays 200 while parked or waking. A wake that the
-simulated GPU refuses records an OOM there, leaves the server parked and answers 503.
-Each finished park or wake prints one line to stdout.
+shapes of vLLM, SGLang, Ollama, ComfyUI and llama.cpp's router; :mod:`gpusm.gpu.fake_park`
+lists them. ``/health`` stays 200 while parked or waking.
 
 Exit codes: 0 after a SIGTERM/SIGINT stop, 1 for ``crash_after``, 3 for a simulated
 OOM, 4 when the port cannot be bound.
@@ -45,8 +24,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -55,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from gpusm.errors import SimOutOfMemory
+from gpusm.gpu.fake_park import GET_ROUTES, POST_ROUTES, SERVING, NotServing, ParkRoutes
 from gpusm.gpu.sim import SimGpu
 
 __all__ = [
@@ -129,101 +107,23 @@ class _Server:
     def log(self, message: str) -> None:
         print(f"fake server pid {os.getpid()}: {message}", file=sys.stderr, flush=True)
 
-
-# States in which the process is alive and serving: /health answers 200.
-_SERVING = ("ready", "parking", "parked", "waking")
-
-
-class _NotServing(Exception):
-    """A park or wake asked while loading or stopping; answered 503."""
-
-
-def _park(server: _Server, sim: SimGpu, how: str, delay_s: float = 0.0) -> None:
-    """Free the model memory down to residual + leak; no-op when already parked."""
-    with server.transition:
-        if server.state == "parked":
-            return
-        if server.state != "ready" or server.stop_requested:
-            raise _NotServing(server.state)
-        opts = server.options
-        if delay_s > 0:
-            server.state = "parking"
-            if _wait(server, delay_s):
-                return
-        server.model_mib = server.held_mib
-        keep = min(server.held_mib, opts.residual_mib + opts.leak_mib)
-        if server.held_mib > keep:
-            sim.release(server.held_mib - keep)
-        server.held_mib = keep
-        server.state = "parked"
-        _say(f"parked ({how}): holding {keep} MiB of {server.model_mib} MiB")
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if a stop was requested meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self.stop_requested:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(_TICK_S, left))
+        return True
 
 
-def _wake(server: _Server, sim: SimGpu, how: str) -> None:
-    """Allocate the model memory again after ``wake_s``; no-op when already awake.
-
-    Raises SimOutOfMemory (the server stays parked) or _NotServing.
-    """
-    with server.transition:
-        if server.state == "ready":
-            return
-        if server.state != "parked" or server.stop_requested:
-            raise _NotServing(server.state)
-        server.state = "waking"
-        if _wait(server, server.options.wake_s):
-            return
-        missing = server.model_mib - server.held_mib
-        try:
-            if missing > 0:
-                sim.allocate(missing)
-        except SimOutOfMemory as exc:
-            server.state = "parked"
-            _say(f"wake failed ({how}): out of memory: {exc}")
-            raise
-        server.held_mib = server.model_mib
-        server.state = "ready"
-        _say(f"awake ({how}): holding {server.held_mib} MiB")
-
-
-def _say(message: str) -> None:
-    print(f"fake server pid {os.getpid()}: {message}", flush=True)
-
-
-def _in_background(target: Any, *args: Any) -> None:
-    def run() -> None:
-        try:
-            target(*args)
-        except (_NotServing, SimOutOfMemory):
-            return  # already said, or nothing to do while loading or stopping
-
-    threading.Thread(target=run, daemon=True).start()
-
-
-def _unloads(keep_alive: Any) -> bool:
-    """Whether an Ollama ``keep_alive`` asks to unload now (0, "0", "0s", "0m"…)."""
-    if isinstance(keep_alive, bool):
-        return False
-    if isinstance(keep_alive, int | float):
-        return keep_alive == 0
-    if isinstance(keep_alive, str):
-        digits = keep_alive.strip().rstrip("hms")
-        try:
-            return float(digits) == 0
-        except ValueError:
-            return False
-    return False
-
-
-_NOT_FOUND_LLAMA = {"code": 404, "message": "model not found", "type": "not_found_error"}
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(ParkRoutes, BaseHTTPRequestHandler):
     """HTTP for one server; :func:`_handler` makes a subclass bound to it."""
 
     fake: _Server
     sim: SimGpu
 
-    # -------------------------------------------------------------- plumbing
     def reply(self, status: int, doc: Any = None) -> None:
         body = b"" if doc is None else json.dumps(doc).encode()
         self.send_response(status)
@@ -237,38 +137,16 @@ class _Handler(BaseHTTPRequestHandler):
         # Health probes arrive many times a second; logging them would flood the log file.
         return
 
-    def is_model(self, name: Any) -> bool:
-        model = self.fake.options.model
-        return name in (model, f"{model}:latest")
-
-    def loaded(self) -> bool:
-        return self.fake.state in ("ready", "parking")
-
-    def park(self, how: str) -> None:
-        _park(self.fake, self.sim, how)
-
-    def wake(self, how: str) -> None:
-        _wake(self.fake, self.sim, how)
-
-    # -------------------------------------------------------------- GET
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        model = self.fake.options.model
-        if path == "/is_sleeping":
-            self.reply(200, {"is_sleeping": not self.loaded()})
-        elif path == "/api/ps":
-            size = self.fake.held_mib * 1024 * 1024
-            entry = {"name": model, "model": model, "size": size, "size_vram": size}
-            self.reply(200, {"models": [entry] if self.loaded() else []})
-        elif path == "/models":
-            status = {"value": "loaded" if self.loaded() else "unloaded"}
-            self.reply(200, {"data": [{"id": model, "object": "model", "status": status}]})
+        route = GET_ROUTES.get(path)
+        if route is not None:
+            route(self)
         elif path == "/health":
-            self.reply(200 if self.fake.state in _SERVING else 503, self.fake.info())
+            self.reply(200 if self.fake.state in SERVING else 503, self.fake.info())
         else:
             self.reply(200 if path in ("/", "/info") else 404, self.fake.info())
 
-    # -------------------------------------------------------------- POST
     def do_POST(self) -> None:
         path, _, query = self.path.partition("?")
         length = int(self.headers.get("Content-Length") or 0)
@@ -278,104 +156,20 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.reply(400, {"error": "the request body is not JSON"})
             return
-        route = _POST_ROUTES.get(path)
+        route = POST_ROUTES.get(path)
         if route is None:
             self.reply(404, {"error": f"no such endpoint: POST {path}"})
             return
         try:
             route(self, parse_qs(query), body if isinstance(body, dict) else {})
-        except _NotServing as exc:
+        except NotServing as exc:
             self.reply(503, {"error": f"the server is {exc}"})
         except SimOutOfMemory as exc:
             self.reply(503, {"error": f"out of memory: {exc}"})
 
-    def vllm_sleep(self, query: dict[str, list[str]], body: dict[str, Any]) -> None:
-        self.park(f"vllm sleep level={query.get('level', ['1'])[0]}")
-        self.reply(200)
-
-    def vllm_wake_up(self, query: dict[str, list[str]], body: dict[str, Any]) -> None:
-        self.wake("vllm wake_up")
-        self.reply(200)
-
-    def sglang_release(self, query: dict[str, list[str]], body: dict[str, Any]) -> None:
-        self.park(f"sglang release_memory_occupation tags={body.get('tags')}")
-        self.reply(200, {"success": True, "message": "released"})
-
-    def sglang_resume(self, query: dict[str, list[str]], body: dict[str, Any]) -> None:
-        self.wake(f"sglang resume_memory_occupation tags={body.get('tags')}")
-        self.reply(200, {"success": True, "message": "resumed"})
-
-    def ollama_generate(self, query: dict[str, list[str]], body: dict[str, Any]) -> None:
-        name = body.get("model")
-        if not self.is_model(name):
-            self.reply(404, {"error": f"model '{name}' not found"})
-            return
-        keep_alive = body.get("keep_alive")
-        unload = _unloads(keep_alive)
-        answer = {"model": name, "created_at": _now(), "response": "", "done": True}
-        if body.get("prompt"):
-            self.wake("ollama generate")
-            if unload:
-                self.park("ollama generate keep_alive=0")
-            self.reply(200, {**answer, "response": "ok", "done_reason": "stop"})
-        elif unload:
-            self.park("ollama keep_alive=0")
-            self.reply(200, {**answer, "done_reason": "unload"})
-        else:
-            self.wake(f"ollama keep_alive={keep_alive}")
-            self.reply(200, {**answer, "done_reason": "load"})
-
-    def comfyui_free(self, query: dict[str, list[str]], body: dict[str, Any]) -> None:
-        if body.get("unload_models") or body.get("free_memory"):
-            if self.fake.state not in _SERVING:
-                raise _NotServing(self.fake.state)
-            delay = self.fake.options.async_free_s
-            _in_background(_park, self.fake, self.sim, "comfyui free", delay)
-        self.reply(200)
-
-    def comfyui_prompt(self, query: dict[str, list[str]], body: dict[str, Any]) -> None:
-        if self.fake.state not in _SERVING:
-            raise _NotServing(self.fake.state)
-        with self.fake.counter:
-            self.fake.prompts += 1
-            number = self.fake.prompts
-        _in_background(_wake, self.fake, self.sim, "comfyui prompt")
-        self.reply(200, {"prompt_id": str(uuid.uuid4()), "number": number, "node_errors": {}})
-
-    def llama_load(self, query: dict[str, list[str]], body: dict[str, Any]) -> None:
-        if not self.is_model(body.get("model")):
-            self.reply(404, {"error": _NOT_FOUND_LLAMA})
-            return
-        self.wake("llama.cpp models/load")
-        self.reply(200, {"success": True})
-
-    def llama_unload(self, query: dict[str, list[str]], body: dict[str, Any]) -> None:
-        if not self.is_model(body.get("model")):
-            self.reply(404, {"error": _NOT_FOUND_LLAMA})
-            return
-        self.park("llama.cpp models/unload")
-        self.reply(200, {"success": True})
-
-
-_POST_ROUTES: dict[str, Callable[[_Handler, dict[str, list[str]], dict[str, Any]], None]] = {
-    "/sleep": _Handler.vllm_sleep,
-    "/wake_up": _Handler.vllm_wake_up,
-    "/release_memory_occupation": _Handler.sglang_release,
-    "/resume_memory_occupation": _Handler.sglang_resume,
-    "/api/generate": _Handler.ollama_generate,
-    "/free": _Handler.comfyui_free,
-    "/prompt": _Handler.comfyui_prompt,
-    "/models/load": _Handler.llama_load,
-    "/models/unload": _Handler.llama_unload,
-}
-
 
 def _handler(server: _Server, sim: SimGpu) -> type[BaseHTTPRequestHandler]:
     return type("Handler", (_Handler,), {"fake": server, "sim": sim})
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _install_signals(server: _Server) -> None:
@@ -384,17 +178,6 @@ def _install_signals(server: _Server) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if server.options.ignore_sigterm else on_stop)
     signal.signal(signal.SIGINT, on_stop)
-
-
-def _wait(server: _Server, seconds: float) -> bool:
-    """Sleep up to ``seconds``; True if a stop was requested meanwhile."""
-    deadline = time.monotonic() + seconds
-    while not server.stop_requested:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(_TICK_S, left))
-    return True
 
 
 def _allocate(server: _Server, sim: SimGpu, mib: int) -> None:
@@ -431,7 +214,7 @@ def _lifecycle(server: _Server, sim: SimGpu) -> int:
     chunks = _split(options.vram_mib, _CHUNKS)
     try:
         for chunk in chunks or [0]:
-            if _wait(server, options.load_s / max(len(chunks), 1)):
+            if server.wait(options.load_s / max(len(chunks), 1)):
                 return _stop(server)
             if chunk:
                 _allocate(server, sim, chunk)
@@ -446,7 +229,7 @@ def _lifecycle(server: _Server, sim: SimGpu) -> int:
         server.state = "oom"
         server.log(f"out of memory: {exc}")
         return EXIT_OOM
-    if _wait(server, float("inf") if options.crash_after is None else options.crash_after):
+    if server.wait(float("inf") if options.crash_after is None else options.crash_after):
         return _stop(server)
     server.state = "crashed"
     server.log(f"crashing {options.crash_after}s after ready, as asked")

@@ -203,3 +203,45 @@ def test_ollama_prompt_loads_answers_and_unloads_with_keep_alive_zero(start: Sta
     assert held(sim, served) == 0  # loaded for the answer, unloaded after it
     assert len(served.lines("awake")) == 1
     assert len(served.lines("parked")) == 2
+
+
+def test_vllm_level_2_wake_weights_then_reload_then_kv_cache(start: Start) -> None:
+    served, sim = start("--residual-mib", "20")
+    assert served.post("/sleep?level=2").status_code == 200
+    assert held(sim, served) == 20
+    # The weights are gone: reloading them before waking is refused.
+    refused = served.post("/collective_rpc", {"method": "reload_weights"})
+    assert refused.status_code == 503
+    assert "parked" in refused.json()["error"]
+    # The three requests the vllm preset sends for level 2, in its order.
+    assert timed_wake(served, "/wake_up?tags=weights").status_code == 200
+    assert held(sim, served) == FULL
+    assert served.get("/is_sleeping").json() == {"is_sleeping": False}
+    reload = served.post("/collective_rpc", {"method": "reload_weights"})
+    assert (reload.status_code, reload.json()) == (200, {"results": [None]})
+    began = time.monotonic()
+    assert served.post("/wake_up?tags=kv_cache").status_code == 200  # awake: a no-op
+    assert time.monotonic() - began < WAKE_S
+    assert held(sim, served) == FULL
+    assert len(served.lines("awake")) == 1
+    assert len(served.lines("reload_weights")) == 1
+
+
+def test_vllm_wake_up_with_any_tags_wakes_it_all(start: Start) -> None:
+    served, sim = start("--residual-mib", "20")
+    assert served.post("/sleep?level=1").status_code == 200
+    assert timed_wake(served, "/wake_up?tags=kv_cache&tags=weights").status_code == 200
+    assert held(sim, served) == FULL
+    [awake] = served.lines("awake")
+    assert "vllm wake_up tags=kv_cache,weights" in awake
+
+
+def test_vllm_collective_rpc_refuses_what_vllm_refuses(start: Start) -> None:
+    served, sim = start()
+    missing = served.post("/collective_rpc", {"args": []})
+    assert missing.status_code == 400
+    assert "method" in missing.json()["detail"]
+    unknown = served.post("/collective_rpc", {"method": "no_such_method"})
+    assert unknown.status_code == 500
+    assert "no_such_method" in unknown.json()["error"]
+    assert held(sim, served) == FULL
