@@ -31,11 +31,12 @@ allowed candidates makes the request fit. Within each group:
 
 The name breaks any remaining tie, so the same inputs always give the same plan.
 
-A victim that can park (``residual_mib`` set) and is HEALTHY is parked rather than
-stopped: it frees its reservation less its residual, and its process stays for a fast
-wake. Only when parking every victim of the prefix still leaves the request short are
-parks turned into stops, first victim first, until it fits. A PARKED service is an idle
-candidate too; stopping it frees its residual.
+Parking changes how a victim goes, never which victims go: the prefix is chosen as if
+every victim were stopped. Then, from the end of the prefix back (the victims needed
+soonest first), each HEALTHY victim that can park (``residual_mib`` set) is parked
+instead if the request still fits with its residual left behind: its process stays, for
+a wake in seconds instead of a cold start. A PARKED service is an idle candidate too;
+stopping it frees its residual.
 
 A prefetch (``plan_admission(..., prefetch=PrefetchLimits(distance, saving_s))``) is
 planned with pipeline information, stops only idle services, and never one needed at or
@@ -468,20 +469,22 @@ def _walk(
     services: Mapping[str, ServiceView],
     gpu: GpuView,
 ) -> list[_Choice]:
-    """The shortest prefix of ``candidates`` that makes ``need`` fit, each one parked if
-    it can be, else stopped; if parking the whole order is not enough, parks become
-    stops, first victim first, until it fits (stopping every candidate fits: checked by
-    the caller)."""
+    """The shortest prefix of ``candidates`` that makes ``need`` fit if stopped (stopping
+    every candidate fits: checked by the caller); then, from the end of the prefix back
+    (the victims needed soonest first), each one that can park is parked instead if the
+    request still fits. Parking never adds a victim: it only spares a process."""
     chosen: list[_Choice] = []
     for view in candidates:
         if need <= _free_after(services, gpu, chosen):
-            return chosen
-        chosen.append((view, "park" if view.can_park else "stop"))
-    for i, (view, action) in enumerate(chosen):
-        if need <= _free_after(services, gpu, chosen):
             break
-        if action == "park":
-            chosen[i] = (view, "stop")
+        chosen.append((view, "stop"))
+    for i in reversed(range(len(chosen))):
+        view = chosen[i][0]
+        if not view.can_park:
+            continue
+        trial = [*chosen[:i], (view, "park"), *chosen[i + 1 :]]
+        if need <= _free_after(services, gpu, trial):
+            chosen = trial
     return chosen
 
 

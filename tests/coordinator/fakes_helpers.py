@@ -21,12 +21,13 @@ from gpusm.engine.monitor import Monitor
 from gpusm.engine.reconcile import recover
 from gpusm.engine.state import Engine, Slot
 from gpusm.gpu.memory import MemoryGpu, MemoryProbe
-from gpusm.health import MemoryHealth
-from gpusm.ports import EventQuery, Handle
+from gpusm.health import MemoryControl, MemoryHealth
+from gpusm.park_config import HttpCall
+from gpusm.ports import CallResult, EventQuery, Handle
 from gpusm.runtimes.memory import MemoryRuntime
 from gpusm.store.memory import MemoryEventStore
 
-__all__ = ["World", "fake_config", "fake_service", "open_world"]
+__all__ = ["FakeParking", "World", "fake_config", "fake_service", "open_world"]
 
 _BASE_PORT = 19000
 
@@ -77,6 +78,70 @@ def fake_config(
     return parse_config(raw, base=tmp_path)
 
 
+class FakeParking:
+    """Fake model servers' answers to park and wake steps: a sleep step makes the
+    service's newest live instance let go of its fake VRAM down to its residual (plus
+    ``leak_mib[name]``), a wake step takes it back. Steps are told apart by comparing
+    them with the service's resolved ``park:`` steps, HTTP and signals alike.
+
+    ``failing[name] = "sleep" | "wake" | "warmup"`` makes those steps fail (status 500);
+    ``calls`` lists (service, kind) in order.
+    """
+
+    def __init__(self, config: Config, gpu: MemoryGpu, runtime: MemoryRuntime) -> None:
+        self.config = config
+        self.gpu = gpu
+        self.runtime = runtime
+        self.leak_mib: dict[str, int] = {}
+        self.failing: dict[str, str] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.model_mib: dict[int, int] = {}
+        self.control = MemoryControl(self.answer)
+        runtime.on_signal = self.on_signal
+
+    def answer(self, request: HttpCall) -> CallResult:
+        """The control's answer to one HTTP step."""
+        for name, svc in self.config.services.items():
+            steps = svc.park_steps()
+            if steps is None:
+                continue
+            for kind, group in (("sleep", steps.sleep), ("wake", steps.wake)):
+                if any(step.http == request for step in group):
+                    return self._act(name, kind)
+            if any(step.http == request for step in steps.warmup):
+                return self._act(name, "warmup")
+        return CallResult(False, 404, f"no fake service answers {request.describe()}")
+
+    def on_signal(self, handle: Handle, signal: str) -> None:
+        """What a signal step does to a fake instance."""
+        steps = self.config.services[handle.service].park_steps()
+        assert steps is not None
+        kind = "sleep" if any(step.signal == signal for step in steps.sleep) else "wake"
+        self._act(handle.service, kind)
+
+    def _act(self, name: str, kind: str) -> CallResult:
+        self.calls.append((name, kind))
+        if self.failing.get(name) == kind:
+            return CallResult(False, 500, f"status 500: {name} refused to {kind}")
+        live = [h for h in self.runtime.live() if h.service == name]
+        if not live or live[-1].pid is None:
+            return CallResult(False, None, "connection refused")
+        pid = live[-1].pid
+        held = self.gpu.holders().get(pid, 0)
+        steps = self.config.services[name].park_steps()
+        assert steps is not None
+        if kind == "sleep":
+            self.model_mib.setdefault(pid, held)
+            keep = min(held, steps.residual_mib + self.leak_mib.get(name, 0))
+            if held > keep:
+                self.gpu.release(pid, held - keep)
+        elif kind == "wake":
+            missing = self.model_mib.pop(pid, held) - held
+            if missing > 0:
+                self.gpu.allocate(pid, missing)
+        return CallResult(True, 200)
+
+
 @dataclass
 class World:
     """One coordinator over fakes; ``reopen`` plays a restart after a crash."""
@@ -92,6 +157,7 @@ class World:
     monitor: Monitor
     recovery: dict[str, Any] = field(default_factory=dict)
     sizes: Mapping[str, int] | None = None
+    parking: FakeParking | None = None
 
     def settle(self, timeout_s: float = 10.0) -> None:
         """Wait (real time, bounded) until every background start and stop has finished."""
@@ -148,6 +214,7 @@ class World:
             runtime=self.runtime.reopen(),
             sizes=self.sizes,
             health_of=self.health,
+            parking=self.parking,
         )
 
 
@@ -160,6 +227,7 @@ def open_world(
     runtime: MemoryRuntime | None = None,
     sizes: Mapping[str, int] | None = None,
     health_of: MemoryHealth | None = None,
+    parking: FakeParking | None = None,
 ) -> World:
     """Build an engine over fakes like ``gpusm.wiring.build_engine`` does, and recover it.
 
@@ -172,6 +240,11 @@ def open_world(
     # The fake stands in for the native runtime that the config's services name.
     runtime = runtime or MemoryRuntime(clock, kind="native")
     gpu.attach(runtime, sizes)
+    # The services' park and wake steps move their fake memory (state shared on reopen).
+    fake_parking = FakeParking(config, gpu, runtime)
+    if parking is not None:
+        fake_parking.leak_mib, fake_parking.failing = parking.leak_mib, parking.failing
+        fake_parking.model_mib = parking.model_mib
     health = MemoryHealth(
         clock,
         {name: svc.health for name, svc in config.services.items()},
@@ -186,6 +259,7 @@ def open_world(
         runtimes={runtime.kind: runtime},
         health=health,
         clock=clock,
+        control=fake_parking.control,
     )
     recovery = recover(engine)
     coordinator = Coordinator(engine)
@@ -202,6 +276,7 @@ def open_world(
         Monitor(engine),
         recovery,
         sizes,
+        fake_parking,
     )
     world.settle()
     return world
