@@ -79,6 +79,36 @@ def seed_config(tmp_path: Path, load_scale: float = 1.0, **overrides: Any) -> di
     return doc
 
 
+def parkable(
+    service: dict[str, Any],
+    preset: str,
+    residual_mib: int = 512,
+    wake_s: float = 0.1,
+    *flags: str,
+    **park: Any,
+) -> dict[str, Any]:
+    """``service`` (a :func:`fake_service` entry) able to park through ``preset``'s requests.
+
+    Its fake server keeps ``residual_mib`` while parked and takes ``wake_s`` to wake
+    (``flags`` are more ``gpusm sim service`` options, e.g. ``--async-free-s``); ``park``
+    adds to or replaces keys of its ``park:`` entry.
+    """
+    command = [*service["command"], "--residual-mib", str(residual_mib), "--wake-s", str(wake_s)]
+    entry: dict[str, Any] = {"preset": preset, "residual_mib": residual_mib, "settle_timeout_s": 5}
+    if preset in ("ollama", "llamacpp"):
+        entry["model"] = "fake-model"  # the fake server's default --model
+    return {**service, "command": [*command, *flags], "park": {**entry, **park}}
+
+
+def with_parking(doc: dict[str, Any], presets: dict[str, str], **options: Any) -> dict[str, Any]:
+    """``doc`` (e.g. :func:`seed_config`'s) with the services named in ``presets`` able to
+    park through that preset; ``options`` go to :func:`parkable`."""
+    services = dict(doc["services"])
+    for name, preset in presets.items():
+        services[name] = parkable(services[name], preset, **options)
+    return {**doc, "services": services}
+
+
 def write_config(tmp_path: Path, doc: dict[str, Any]) -> Path:
     """``doc`` as ``tmp_path/gpusm.yaml``."""
     path = tmp_path / "gpusm.yaml"

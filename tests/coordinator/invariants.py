@@ -7,13 +7,15 @@ answers (a fresh health checker) and what the simulated GPU really holds.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from gpusm import Coordinator
 from gpusm.domain.events import RecordedEvent
 from gpusm.gpu.sim import SimGpu
 from gpusm.health import Health
+from gpusm.ports import Handle, Runtime
 from gpusm.wiring import build_runtimes
 
 
@@ -32,8 +34,18 @@ def assert_prefetch_evictions_were_for_something(events: Sequence[RecordedEvent]
         assert started or abandoned, f"prefetch eviction #{event.seq} of {event.stream} led nowhere"
 
 
+# Where recovery may leave a service: never mid-way (starting, draining, parking, waking).
+SETTLED_STATES = ("stopped", "healthy", "parked")
+# How long memory freed by a stop or a park may take to show on the simulated GPU (its
+# reclaim lag, an asynchronous free) before the accounting must add up.
+_SETTLE_S = 5.0
+
+
 def assert_consistent(coordinator: Coordinator, sim: SimGpu) -> None:
-    """No limbo states, state matches reality, no orphans, no OOM, gapless streams."""
+    """No limbo states, state matches reality, no orphans, no OOM, gapless streams, and
+    the GPU's memory accounted for: each service holds what its state allows (a parked
+    one no more than its residual plus tolerance), nothing is held by pids of ours that
+    no service owns, and what the policy assumes held fits the device."""
     config = coordinator.config
     states = {s.name: s.state for s in coordinator.status().services}
     instances = coordinator.instances()
@@ -41,21 +53,26 @@ def assert_consistent(coordinator: Coordinator, sim: SimGpu) -> None:
     health = Health()
     try:
         for name, state in states.items():
-            assert state not in ("starting", "draining"), (name, state)
+            assert state in SETTLED_STATES, (name, state)
             handle = instances.get(name)
             if state == "healthy":
                 assert handle is not None, name
                 assert runtimes[handle.kind].is_alive(handle), f"{name} healthy but dead"
                 probe = health.probe(config.services[name].health)
                 assert probe.ok, f"{name} healthy but failing: {probe.reason}"
+            elif state == "parked":
+                assert handle is not None, f"{name} parked without an instance"
+                assert runtimes[handle.kind].is_alive(handle), f"{name} parked but dead"
+                assert config.services[name].park_steps() is not None, f"{name} cannot park"
             else:
                 assert handle is None, name
         for runtime in runtimes.values():
             for orphan in runtime.find_orphans():
                 state = states[orphan.service]
-                assert state == "healthy", f"orphan of {orphan.service} ({state})"
+                assert state in ("healthy", "parked"), f"orphan of {orphan.service} ({state})"
                 mine = instances[orphan.service]
                 assert mine.instance == orphan.instance, f"second instance of {orphan.service}"
+        _assert_memory_accounted(coordinator, sim, states, instances, runtimes)
     finally:
         health.close()
         for runtime in runtimes.values():
@@ -67,3 +84,48 @@ def assert_consistent(coordinator: Coordinator, sim: SimGpu) -> None:
         versions[event.stream].append(event.version)
     for stream, seen in versions.items():
         assert seen == list(range(1, len(seen) + 1)), f"gap in {stream}: {seen}"
+
+
+def _assert_memory_accounted(
+    coordinator: Coordinator,
+    sim: SimGpu,
+    states: Mapping[str, str],
+    instances: Mapping[str, Handle],
+    runtimes: Mapping[str, Runtime],
+) -> None:
+    """What each service holds on the simulated GPU fits its state (polled for a few
+    seconds: freed memory shows after the reclaim lag)."""
+    config = coordinator.config
+    pids = {name: runtimes[h.kind].pids_of(h) for name, h in instances.items()}
+    limits: dict[str, int] = {}  # what each may hold
+    assumed = 0  # what the policy assumes held: a parked service's residual
+    for name, state in states.items():
+        service = config.services[name]
+        steps = service.park_steps()
+        if state == "parked":
+            assert steps is not None
+            limits[name] = steps.residual_mib + steps.tolerance_mib
+            assumed += steps.residual_mib
+        elif state == "healthy":
+            limits[name] = service.vram_mib
+            assumed += service.vram_mib
+    deadline = time.monotonic() + _SETTLE_S
+    while True:
+        snap = sim.snapshot()
+        held = {n: sum(snap.processes.get(p, 0) for p in ps) for n, ps in pids.items()}
+        ours = set().union(*pids.values()) if pids else set()
+        problems = [
+            f"{name} ({states[name]}) holds {mib} MiB, more than {limits.get(name, 0)} MiB"
+            for name, mib in sorted(held.items())
+            if mib > limits.get(name, 0)
+        ]
+        unowned = {p: mib for p, mib in snap.processes.items() if p not in ours}
+        if unowned:
+            problems.append(f"memory held by pids no service owns: {unowned}")
+        if snap.used_mib > sum(snap.processes.values()):
+            problems.append(f"{snap.used_mib - sum(snap.processes.values())} MiB of the dead")
+        if not problems or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not problems, problems
+    assert assumed <= snap.total_mib, f"{assumed} MiB assumed held on {snap.total_mib} MiB"
