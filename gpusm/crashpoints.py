@@ -32,9 +32,14 @@ CRASH_POINTS: Final[tuple[str, ...]] = (
     "after_signal",
     # A victim was stopped for a request, the winner not yet started.
     "mid_preemption",
+    # ParkRequested committed, no sleep request sent yet (the process holds its memory).
+    "after_park_requested",
+    # WakeRequested committed, no wake request sent yet (the process is still parked).
+    "after_wake_requested",
 )
 
-# Reached only by a config reload (the crash sweep's scenario does not reload).
+# Reached only by a config reload (the crash sweep's scenario does not reload; a test
+# of its own crashes there).
 RELOAD_CRASH_POINTS: Final[tuple[str, ...]] = (
     # ConfigReloaded committed, the services it made stale not yet stopped.
     "after_config_reloaded",
