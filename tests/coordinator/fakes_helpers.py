@@ -20,6 +20,7 @@ from gpusm.engine.lifecycle import join_background
 from gpusm.engine.monitor import Monitor
 from gpusm.engine.reconcile import recover
 from gpusm.engine.state import Engine, Slot
+from gpusm.errors import SimOutOfMemory
 from gpusm.gpu.memory import MemoryGpu, MemoryProbe
 from gpusm.health import MemoryControl, MemoryHealth
 from gpusm.park_config import HttpCall
@@ -136,9 +137,13 @@ class FakeParking:
             if held > keep:
                 self.gpu.release(pid, held - keep)
         elif kind == "wake":
-            missing = self.model_mib.pop(pid, held) - held
+            missing = self.model_mib.get(pid, held) - held
             if missing > 0:
-                self.gpu.allocate(pid, missing)
+                try:
+                    self.gpu.allocate(pid, missing)
+                except SimOutOfMemory as exc:  # as a real server: it stays asleep, says 503
+                    return CallResult(False, 503, f"status 503: out of memory: {exc}")
+            self.model_mib.pop(pid, None)
         return CallResult(True, 200)
 
 
