@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from gpusm.domain import events as ev
 from gpusm.domain.states import State
+from gpusm.engine.parking import begin_park, begin_wake, finish_park
 from tests.coordinator.fakes_helpers import World, fake_config, fake_service, open_world
 
 VLLM = {"preset": "vllm", "residual_mib": 500, "settle_timeout_s": 5}
@@ -265,3 +267,28 @@ def test_without_a_service_control_the_park_fails_and_stops(make: Any) -> None:
     world.settle()
     assert "no service control" in world.last("a", "ParkFailed")["reason"]
     assert world.state("a") is State.STOPPED
+
+
+@pytest.mark.parametrize("stage", ["parking", "waking"])
+def test_a_park_or_wake_whose_owner_gave_up_is_turned_into_a_stop(make: Any, stage: str) -> None:
+    world = make({"a": fake_service(8000, park=VLLM), "b": fake_service(9000)})
+    world.coordinator.enter_phase("pa", client="w")
+    slot = world.slot("a")
+    with world.engine.cond:
+        if stage == "parking":
+            assert begin_park(world.engine, slot, ev.ParkRequested(data={"reason": "t"}))
+        else:
+            world.coordinator.release("w")
+            assert begin_park(world.engine, slot, ev.ParkRequested(data={"reason": "t"}))
+    if stage == "waking":
+        finish_park(world.engine, slot)
+        with world.engine.cond:
+            begin_wake(world.engine, slot, {"reason": "t"})
+    with world.engine.cond:
+        slot.release(error="its owner failed")  # the thread that owned it died
+    world.tick()
+    assert world.state("a") is State.STOPPED
+    failed = "ParkFailed" if stage == "parking" else "WakeFailed"
+    assert world.types("a")[-2:] == [failed, "Stopped"]
+    assert world.last("a", failed)["reason"] == f"{stage} abandoned: its owner failed"
+    assert world.last("a", "Stopped")["vram_reclaimed"] is True
