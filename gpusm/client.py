@@ -276,6 +276,13 @@ class Client:
         )
         return from_json(StopNote, found)
 
+    def park_service(self, name: str, by: str = "client") -> StopNote:
+        """Park one service and wait until the GPU shows it parked (or it was stopped)."""
+        found = self._json(
+            "POST", f"/gpu/services/{_segment(name)}/park", {"by": by}, blocking=True
+        )
+        return from_json(StopNote, found)
+
     def reset_service(self, name: str, by: str = "client") -> None:
         """Clear a service that gave up (``failed``) so that it may start again."""
         self._json("POST", f"/gpu/services/{_segment(name)}/reset", {"by": by})

@@ -214,6 +214,19 @@ def _write_routes(router: APIRouter, state: ApiState, coord: Any, write: dict[st
         return _json(coord.stop_service(name, (body or ActionRequest()).by))
 
     @router.post(
+        "/gpu/services/{name}/park",
+        response_model=StopNote,
+        responses=problem_responses(*_WRITE, 404, 502, 504),
+        **write,
+    )
+    def park(
+        name: Name, coord: Coord, body: Annotated[ActionRequest | None, Body()] = None
+    ) -> Response:
+        """Park one service (it keeps its process, gives its VRAM back) and wait until the
+        GPU shows it; ``action`` is "stop" when the park failed and it was stopped."""
+        return _json(coord.park_service(name, (body or ActionRequest()).by))
+
+    @router.post(
         "/gpu/services/{name}/reset",
         response_model=ServiceStatus,
         responses=problem_responses(*_WRITE, 404),

@@ -1,5 +1,5 @@
-"""Operating commands: ``status``, ``phase``, ``start``, ``stop``, ``reset``, ``release``,
-``plan`` and ``doctor``.
+"""Operating commands: ``status``, ``phase``, ``start``, ``stop``, ``park``, ``reset``,
+``release``, ``plan`` and ``doctor``.
 
 Each command first asks the config's ``api.listen`` address for ``/healthz`` (briefly).
 If a gpusm daemon answers, the command goes through it ("via daemon at …"); if not, it
@@ -80,6 +80,8 @@ class Verbs(Protocol):
     def start_service(self, name: str, by: str = ..., timeout: float | None = ...) -> None: ...
 
     def stop_service(self, name: str, by: str = ...) -> StopNote: ...
+
+    def park_service(self, name: str, by: str = ...) -> StopNote: ...
 
     def reset_service(self, name: str, by: str = ...) -> None: ...
 
@@ -311,6 +313,22 @@ def stop(
     say(f"service {name} is stopped")
 
 
+def park(
+    name: Annotated[str, typer.Argument(help="The service to park.")],
+    config: ConfigOption = None,
+) -> None:
+    """Park one service: its process stays, its VRAM goes back (verified on the GPU)."""
+    cfg = load(config)
+    with friendly_errors():
+        cfg.service(name)
+        with connect(cfg) as verbs:
+            note = verbs.park_service(name, _BY)
+    if note.action == "park":
+        say(f"service {name} is parked")
+    else:
+        fail(f"service {name} could not park and was stopped: {note.reason}")
+
+
 def reset(
     name: Annotated[str, typer.Argument(help="The failed service to clear.")],
     config: ConfigOption = None,
@@ -398,5 +416,5 @@ def doctor(config: ConfigOption = None) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the operating commands to ``app``."""
-    for command in (status, phase, start, stop, reset, release, plan, doctor):
+    for command in (status, phase, start, stop, park, reset, release, plan, doctor):
         app.command(command.__name__)(command)

@@ -26,6 +26,7 @@ from gpusm.domain.states import RUNNING_STATES, SETTLING_STATES, State
 from gpusm.engine.admission import Admission, Request
 from gpusm.engine.lifecycle import finish_stop, in_background, join_background
 from gpusm.engine.monitor import Monitor
+from gpusm.engine.parking import park_now
 from gpusm.engine.reconcile import recover
 from gpusm.engine.reload import loaded_at_text, reload_config, retire_stale
 from gpusm.engine.state import Engine, Lease
@@ -370,6 +371,14 @@ class Coordinator:
         return self._admission.stop_and_wait(
             [name], f"stop requested by {by}", by, deadline, "stop"
         )[0]
+
+    def park_service(self, name: str, by: str = "api") -> StopNote:
+        """Park one healthy service now (its leases are revoked) and wait until the GPU
+        shows it holding only its residual; a park that fails ends in a verified stop
+        (the note's ``action`` says which)."""
+        slot = self._engine.slots[self._engine.config.service(name).name]
+        deadline = self._engine.clock.monotonic() + self._admission.default_timeout([])
+        return park_now(self._engine, slot, by, deadline)
 
     def reset_service(self, name: str, by: str = "api") -> None:
         """Clear a service that gave up (``failed``) so that it may start again."""

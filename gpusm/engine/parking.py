@@ -24,16 +24,18 @@ from gpusm.domain.states import State
 from gpusm.engine.lifecycle import (
     begin_start,
     finish_stop,
+    in_background,
     releasing_on_error,
     run_start,
     wait_lease_released,
 )
 from gpusm.engine.reclaim import wait_parked
 from gpusm.engine.state import Engine, Slot
-from gpusm.errors import GpuProbeError, GpusmError
+from gpusm.errors import GpuProbeError, GpusmError, IllegalTransition, RequestTimeout
 from gpusm.park_config import ParkStep, ParkSteps
+from gpusm.results import StopNote
 
-__all__ = ["begin_park", "begin_wake", "finish_park", "run_wake"]
+__all__ = ["begin_park", "begin_wake", "finish_park", "park_now", "run_wake"]
 
 
 def begin_park(engine: Engine, slot: Slot, event: ev.ParkRequested) -> bool:
@@ -45,6 +47,39 @@ def begin_park(engine: Engine, slot: Slot, event: ev.ParkRequested) -> bool:
     # HEALTHY -> PARKING
     engine.record(slot, ev.ParkRequested(data={**data, **engine.vram_data(slot.config.gpu)}))
     return slot.claim()
+
+
+def park_now(engine: Engine, slot: Slot, by: str, deadline: float) -> StopNote:
+    """Park ``slot`` at once (its leases end) and wait until the park is verified or
+    failed; the note's ``action`` is "park", or "stop" when the park failed and the
+    service was stopped instead. A service already parked is left as it is."""
+    reason = f"park requested by {by}"
+    with engine.cond:
+        if slot.state is State.PARKED:
+            return StopNote(slot.name, "park", "already parked", "park")
+        if slot.parking is None:
+            raise GpusmError(f"service {slot.name!r} cannot park: its config has no park:")
+        if slot.state is not State.HEALTHY or slot.busy:
+            raise IllegalTransition(slot.name, "request_park", slot.state.value)
+        engine.revoke(slot.name, f"{slot.name} was parked by {by}")
+        with engine.decision():
+            begin_park(engine, slot, ev.ParkRequested(data={"reason": reason, "by": by}))
+        in_background(f"park-{slot.name}", lambda: finish_park(engine, slot))
+        while _state_of(slot) in (State.PARKING, State.DRAINING):
+            left = deadline - engine.clock.monotonic()
+            if left <= 0:
+                raise RequestTimeout(f"parking {slot.name} took too long")
+            engine.cond.wait(min(left, 0.2))
+        if _state_of(slot) is State.PARKED:
+            return StopNote(slot.name, "park", reason, "park")
+        failed = engine.last_event(slot.name, ["ParkFailed"])
+        why = failed.data.get("reason") if failed is not None else slot.last_error
+        return StopNote(slot.name, "park", f"{reason}; park failed: {why}; stopped instead")
+
+
+def _state_of(slot: Slot) -> State:
+    # Read afresh: other threads move the state while this one waits.
+    return slot.state
 
 
 def finish_park(engine: Engine, slot: Slot, wait_for_leases: bool = False) -> None:

@@ -132,8 +132,8 @@ def test_unknown_phase_and_service_are_404_problems(http: httpx.Client) -> None:
     assert problem["status"] == 404
     assert problem["kind"] == "phase"
     assert "tts" in problem["known"]
-    for path in ("/gpu/services/nope/start", "/gpu/services/nope/stop", "/gpu/services/nope/reset"):
-        assert http.post(path).json()["kind"] == "service"
+    for verb in ("start", "stop", "park", "reset"):
+        assert http.post(f"/gpu/services/nope/{verb}").json()["kind"] == "service"
     assert http.get("/gpu/plan/nope").status_code == 404
 
 

@@ -374,6 +374,7 @@ def test_a_503_without_retry_after_is_an_answer_not_a_retry() -> None:
     [
         pytest.param(lambda c: c.start_service("vidi"), "/gpu/services/vidi/start", id="start"),
         pytest.param(lambda c: c.stop_service("vidi"), "/gpu/services/vidi/stop", id="stop"),
+        pytest.param(lambda c: c.park_service("vidi"), "/gpu/services/vidi/park", id="park"),
         pytest.param(lambda c: c.reset_service("vidi"), "/gpu/services/vidi/reset", id="reset"),
         pytest.param(lambda c: c.release_all(), "/gpu/release-all", id="release-all"),
     ],

@@ -295,3 +295,46 @@ def test_doctor_names_each_problem_and_its_fix(
     assert config_error.exit_code == 1
     assert "✗ config:" in config_error.stdout
     assert os.environ.get("GPUSM_TOKEN") is None
+
+
+def parkable(config: Path) -> Path:
+    """The config with ``small`` parkable through the vLLM preset (the fake speaks it)."""
+    doc = yaml.safe_load(config.read_text())
+    doc["services"]["small"]["park"] = {"preset": "vllm", "residual_mib": 256}
+    config.write_text(yaml.safe_dump(doc))
+    return config
+
+
+def test_park_in_process_parks_and_the_next_command_finds_it_parked(
+    app: typer.Typer, config: Path
+) -> None:
+    parkable(config)
+    assert run(app, config, "phase", "one", "--client", "w1").exit_code == 0
+    result = run(app, config, "park", "small")
+    assert result.exit_code == 0, result.output
+    assert "service small is parked" in result.stdout
+    assert states(config)["small"] == "parked"
+    refused = run(app, config, "park", "big")
+    assert refused.exit_code == 1
+    assert "'big' cannot park: its config has no park:" in refused.output
+
+
+def test_park_goes_through_a_running_daemon(app: typer.Typer, config: Path) -> None:
+    cfg = load_config(parkable(config))
+    host, _, port = cfg.api.listen.rpartition(":")
+    server = ThreadedServer(cfg, host=host, port=int(port), token=TOKEN)
+    server.start()
+    try:
+        server.wait_recovered()
+        assert run(app, config, "phase", "one", "--client", "w1", GPUSM_TOKEN=TOKEN).exit_code == 0
+        parked = run(app, config, "park", "small", GPUSM_TOKEN=TOKEN)
+        assert parked.exit_code == 0, parked.output
+        assert "via daemon" in parked.stderr
+        assert "service small is parked" in parked.stdout
+        refused = run(app, config, "park", "big", GPUSM_TOKEN=TOKEN)
+        assert refused.exit_code == 1
+        assert "'big' cannot park: its config has no park:" in refused.output
+        status = json.loads(run(app, config, "status", "--json", GPUSM_TOKEN=TOKEN).stdout)
+        assert {s["name"]: s["state"] for s in status["services"]}["small"] == "parked"
+    finally:
+        server.stop()

@@ -17,6 +17,7 @@ import pytest
 from gpusm.domain import events as ev
 from gpusm.domain.states import State
 from gpusm.engine.parking import begin_park, begin_wake, finish_park
+from gpusm.errors import GpusmError, IllegalTransition, UnknownName
 from tests.coordinator.fakes_helpers import World, fake_config, fake_service, open_world
 
 VLLM = {"preset": "vllm", "residual_mib": 500, "settle_timeout_s": 5}
@@ -292,3 +293,37 @@ def test_a_park_or_wake_whose_owner_gave_up_is_turned_into_a_stop(make: Any, sta
     assert world.types("a")[-2:] == [failed, "Stopped"]
     assert world.last("a", failed)["reason"] == f"{stage} abandoned: its owner failed"
     assert world.last("a", "Stopped")["vram_reclaimed"] is True
+
+
+def test_a_service_can_be_parked_by_hand_and_its_lease_ends(make: Any) -> None:
+    world = make({"a": fake_service(8000, park=VLLM)})
+    world.coordinator.enter_phase("pa", client="w")
+    note = world.coordinator.park_service("a", by="ops")
+    assert (note.service, note.action) == ("a", "park")
+    assert world.state("a") is State.PARKED
+    assert world.last("a", "ParkRequested")["by"] == "ops"
+    assert world.coordinator.status().leases == {}
+    again = world.coordinator.park_service("a", by="ops")
+    assert (again.action, again.reason) == ("park", "already parked")
+
+
+def test_a_park_by_hand_that_fails_says_it_stopped_the_service(make: Any) -> None:
+    world = make({"a": fake_service(8000, park=VLLM)})
+    assert world.parking is not None
+    world.parking.leak_mib["a"] = 4000
+    world.coordinator.enter_phase("pa", client="w")
+    note = world.coordinator.park_service("a")
+    world.settle()
+    assert note.action == "stop"
+    assert "still holding 4500 MiB" in note.reason
+    assert world.state("a") is State.STOPPED
+
+
+def test_parking_by_hand_refuses_what_cannot_park(make: Any) -> None:
+    world = make({"a": fake_service(8000, park=VLLM), "plain": fake_service(100)})
+    with pytest.raises(GpusmError, match="'plain' cannot park: its config has no park:"):
+        world.coordinator.park_service("plain")
+    with pytest.raises(IllegalTransition, match="cannot 'request_park' while stopped"):
+        world.coordinator.park_service("a")
+    with pytest.raises(UnknownName):
+        world.coordinator.park_service("nope")
