@@ -57,6 +57,9 @@ class ServiceStatus:
     leased_by: tuple[str, ...]
     in_state_s: float
     last_error: str | None = None
+    # What it keeps while parked (None: it cannot park); reservation_mib is this while
+    # it is parked.
+    residual_mib: int | None = None
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ _STATE_STYLE = {
     "healthy": "green",
     "starting": "yellow",
     "draining": "magenta",
+    "parking": "cyan",
+    "parked": "blue",
+    "waking": "yellow",
     "failed": "bold red",
     "stopped": "dim",
 }

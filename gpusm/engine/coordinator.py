@@ -438,7 +438,7 @@ class Coordinator:
                     gpu=s.config.gpu,
                     priority=s.config.priority,
                     vram_mib=s.config.vram_mib,
-                    reservation_mib=s.reservation,
+                    reservation_mib=s.reserved_mib,
                     used_mib=usage.get(s.name, 0),
                     pid=s.handle.pid if s.handle else None,
                     container_id=s.handle.container_id if s.handle else None,
@@ -447,6 +447,7 @@ class Coordinator:
                     ),
                     in_state_s=round(now - s.state_since, 3),
                     last_error=s.last_error,
+                    residual_mib=s.residual_mib,
                 )
                 for s in engine.slots.values()
             )

@@ -327,3 +327,12 @@ def test_parking_by_hand_refuses_what_cannot_park(make: Any) -> None:
         world.coordinator.park_service("a")
     with pytest.raises(UnknownName):
         world.coordinator.park_service("nope")
+
+
+def test_status_shows_a_parked_service_reserving_its_residual(make: Any) -> None:
+    world = make({"a": fake_service(8000, park=VLLM), "b": fake_service(9000)})
+    park_a(world)
+    status = {s.name: s for s in world.coordinator.status().services}
+    assert (status["a"].state, status["a"].reservation_mib) == ("parked", 500)
+    assert (status["a"].residual_mib, status["a"].used_mib) == (500, 500)
+    assert (status["b"].residual_mib, status["b"].reservation_mib) == (None, 9000)
