@@ -47,6 +47,7 @@ __all__ = [
     "RestartConfig",
     "ServiceConfig",
     "SimGpuConfig",
+    "check_devices",
     "check_folders",
     "find_config_path",
     "folder_problem",
@@ -70,11 +71,34 @@ class _Strict(BaseModel):
 
 
 class SimGpuConfig(_Strict):
-    """The simulated GPU: its size, how long the 'driver' takes to free memory, where it lives."""
+    """The simulated GPUs: how many, their sizes, how long the 'driver' takes to free
+    memory, where they live."""
 
-    total_mib: Annotated[int, Field(gt=0)] = 24576
+    # One size for every device, or one size per device.
+    total_mib: Annotated[int, Field(gt=0)] | list[Annotated[int, Field(gt=0)]] = 24576
+    devices: Annotated[int, Field(ge=1, le=16)] = 1
     reclaim_lag_s: NonNegFloat = 0.2
     dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _sizes_match(self) -> SimGpuConfig:
+        if isinstance(self.total_mib, list) and len(self.total_mib) not in (1, self.devices):
+            if self.devices == 1 and "devices" not in self.model_fields_set:
+                return self  # `devices` left out: it is the number of sizes given
+            raise ValueError(
+                f"total_mib lists {len(self.total_mib)} sizes for {self.devices} devices; "
+                "give one size, or one per device"
+            )
+        return self
+
+    @property
+    def sizes(self) -> list[int]:
+        """The size of each simulated device, in device order."""
+        if isinstance(self.total_mib, int):
+            return [self.total_mib] * self.devices
+        if len(self.total_mib) == 1:
+            return self.total_mib * self.devices
+        return list(self.total_mib)
 
 
 class GpuConfig(_Strict):
@@ -83,6 +107,9 @@ class GpuConfig(_Strict):
     backend: Literal["nvml", "sim"] = "nvml"
     reserve_mib: NonNegInt = 512
     settle_timeout_s: PosFloat = 5.0
+    # Where a service that may use several devices goes: binpack fills the device where
+    # it fits with the fewest, cheapest evictions; spread picks the one with most room.
+    placement: Literal["binpack", "spread"] = "binpack"
     sim: SimGpuConfig = SimGpuConfig()
 
 
@@ -155,7 +182,10 @@ class ServiceConfig(_Strict):
     env: dict[str, str] = {}
     vram_mib: NonNegInt
     priority: int = 0
-    gpu: NonNegInt = 0
+    # The device it must run on, the devices it may use, or "auto" (any).
+    gpu: Literal["auto"] | NonNegInt | list[NonNegInt] = "auto"
+    # Devices one instance spans (e.g. tensor parallel); vram_mib is per device.
+    gpu_count: Annotated[int, Field(ge=1)] = 1
     health: HealthConfig
     stop_timeout_s: PosFloat = 10.0
     drain_timeout_s: NonNegFloat = 30.0
@@ -171,6 +201,38 @@ class ServiceConfig(_Strict):
         if self.park is not None:
             self.park.steps(self._health_url())  # a ValueError names what is missing
         return self
+
+    @model_validator(mode="after")
+    def _gpu_set(self) -> ServiceConfig:
+        if isinstance(self.gpu, list):
+            if not self.gpu:
+                raise ValueError("gpu: [] allows no device; list at least one, or use auto")
+            if len(set(self.gpu)) != len(self.gpu):
+                raise ValueError(f"gpu lists a device twice: {self.gpu}")
+            if self.gpu_count > len(self.gpu):
+                raise ValueError(
+                    f"gpu_count {self.gpu_count} is more than the {len(self.gpu)} devices "
+                    f"gpu allows ({self.gpu})"
+                )
+        elif isinstance(self.gpu, int) and self.gpu_count > 1:
+            raise ValueError(
+                f"gpu_count {self.gpu_count} needs that many devices, but gpu pins one "
+                f"({self.gpu}); use gpu: auto or a list"
+            )
+        return self
+
+    def allowed_devices(self, count: int) -> list[int]:
+        """The devices (of ``count`` on the host) this service may run on, in order."""
+        if self.gpu == "auto":
+            return list(range(count))
+        if isinstance(self.gpu, int):
+            return [self.gpu]
+        return sorted(self.gpu)
+
+    @property
+    def pinned(self) -> int | None:
+        """The one device it must use, if ``gpu`` names exactly one."""
+        return self.gpu if isinstance(self.gpu, int) else None
 
     def park_steps(self) -> ParkSteps | None:
         """How this service parks and wakes, resolved; None if it cannot park."""
@@ -519,16 +581,57 @@ def _check_references(config: Config, source: str) -> None:
                 )
             owners[port] = name
     if config.gpu.backend == "sim":
-        total = config.gpu.sim.total_mib
-        for name, svc in config.services.items():
-            if svc.vram_mib + config.gpu.reserve_mib > total:
-                raise ConfigError(
-                    source,
-                    f"services.{name}.vram_mib",
-                    f"{svc.vram_mib} MiB plus reserve_mib {config.gpu.reserve_mib} "
-                    f"exceeds the GPU's {total} MiB",
-                    "lower vram_mib or gpu.reserve_mib, or use a bigger GPU",
-                )
+        check_devices(config, len(config.gpu.sim.sizes), config.gpu.sim.sizes, source)
+
+
+def check_devices(
+    config: Config, count: int, sizes: list[int] | None = None, source: str | None = None
+) -> None:
+    """ConfigError for a service whose devices do not exist on a host of ``count``
+    devices (of ``sizes`` MiB, when known), or that fits on none of them."""
+    where = source or str(config.source or "<config>")
+    reserve = config.gpu.reserve_mib
+    for name, svc in config.services.items():
+        missing = [d for d in _named_devices(svc) if d >= count]
+        if missing:
+            raise ConfigError(
+                where,
+                f"services.{name}.gpu",
+                f"device {missing[0]} does not exist: this host has {count} "
+                f"(0-{count - 1})" if count > 1 else f"device {missing[0]} does not exist: "
+                "this host has one device (0)",
+                "name a device the host has, or use gpu: auto",
+            )
+        allowed = svc.allowed_devices(count)
+        if svc.gpu_count > len(allowed):
+            raise ConfigError(
+                where,
+                f"services.{name}.gpu_count",
+                f"{svc.gpu_count} devices asked, but this host has {len(allowed)} it may use",
+                "lower gpu_count, or allow more devices",
+            )
+        if sizes is None:
+            continue
+        fitting = [d for d in allowed if svc.vram_mib + reserve <= sizes[d]]
+        if len(fitting) < svc.gpu_count:
+            biggest = max(sizes[d] for d in allowed)
+            raise ConfigError(
+                where,
+                f"services.{name}.vram_mib",
+                f"{svc.vram_mib} MiB plus reserve_mib {reserve} exceeds "
+                + (
+                    f"the GPU's {biggest} MiB"
+                    if len(allowed) == 1
+                    else f"every device it may use (the biggest has {biggest} MiB)"
+                ),
+                "lower vram_mib or gpu.reserve_mib, or use a bigger GPU",
+            )
+
+
+def _named_devices(svc: ServiceConfig) -> list[int]:
+    if isinstance(svc.gpu, int):
+        return [svc.gpu]
+    return list(svc.gpu) if isinstance(svc.gpu, list) else []
 
 
 def split_listen(value: str) -> tuple[str, int] | None:

@@ -92,7 +92,7 @@ def store_revision(config: Config) -> str:
 def open_sim(config: Config) -> SimGpu:
     """The simulated GPU of ``config`` (created if new), for the demo and ``gpusm sim``."""
     sim = config.gpu.sim
-    return open_sim_dir(config.sim_dir, sim.total_mib, sim.reclaim_lag_s, apply=True)
+    return open_sim_dir(config.sim_dir, sim.sizes[0], sim.reclaim_lag_s, apply=True)
 
 
 def open_sim_dir(
