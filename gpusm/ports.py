@@ -26,6 +26,7 @@ __all__ = [
     "GpuProbe",
     "Handle",
     "HealthCheck",
+    "Placement",
     "HealthResult",
     "Runtime",
     "ServiceControl",
@@ -181,6 +182,21 @@ class Handle:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """The devices an instance is placed on: gpusm's indices and each device's UUID."""
+
+    indices: tuple[int, ...] = (0,)
+    uuids: tuple[str, ...] = ()
+
+    def visible_devices(self) -> str:
+        """The value of ``CUDA_VISIBLE_DEVICES``: the UUIDs (stable whatever the device
+        order), else the indices."""
+        if self.uuids and all(self.uuids):
+            return ",".join(self.uuids)
+        return ",".join(str(i) for i in self.indices)
+
+
+@dataclass(frozen=True)
 class StopResult:
     """How a stop went: how long it took and whether SIGKILL (or docker kill) was needed."""
 
@@ -197,8 +213,11 @@ class Runtime(Protocol):
 
     kind: str
 
-    def start(self, service: ServiceConfig, instance: str) -> Handle:
-        """Launch ``service``; ServiceStartFailed if it cannot."""
+    def start(
+        self, service: ServiceConfig, instance: str, placement: Placement | None = None
+    ) -> Handle:
+        """Launch ``service`` on ``placement``'s devices (None: as configured, no device
+        environment); ServiceStartFailed if it cannot."""
         ...
 
     def is_alive(self, handle: Handle) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from gpusm.clock import SystemClock
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed
-from gpusm.ports import Clock, Handle, Runtime, StopResult
+from gpusm.ports import Clock, Handle, Placement, Runtime, StopResult
 
 if TYPE_CHECKING:
     from gpusm.config import ServiceConfig
@@ -107,6 +107,8 @@ class MemoryRuntime:
         self.on_exit: Callable[[Handle], None] | None = None
         self.logs: dict[str, str] = {}
         self.started: list[Handle] = []
+        # instance -> the devices it was started on.
+        self.placements: dict[str, Placement] = {}
         # Every signal sent (``signal``), and what each one does to an instance.
         self.signals: list[tuple[Handle, str]] = []
         self.on_signal: Callable[[Handle, str], None] | None = None
@@ -117,8 +119,11 @@ class MemoryRuntime:
         return MemoryRuntime(self.clock, kind=self.kind, _machine=self._machine)
 
     # ------------------------------------------------------------ the Runtime port
-    def start(self, service: ServiceConfig, instance: str) -> Handle:
-        """Record a new fake instance; raise ``fail_next_start`` if one is set."""
+    def start(
+        self, service: ServiceConfig, instance: str, placement: Placement | None = None
+    ) -> Handle:
+        """Record a new fake instance (and its ``placement``, in ``placements``); raise
+        ``fail_next_start`` if one is set."""
         if self.fail_next_start is not None:
             exc, self.fail_next_start = self.fail_next_start, None
             if isinstance(exc, ServiceStartFailed):
@@ -141,6 +146,7 @@ class MemoryRuntime:
                 proc.exits_with = self.crash_exit_code.get(service.name, 1)
             m.procs[pid] = proc
         self.started.append(handle)
+        self.placements[instance] = placement or Placement()
         if self.on_start is not None:
             self.on_start(handle, service)
         return handle
