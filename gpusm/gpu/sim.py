@@ -1,6 +1,8 @@
 """A process-accurate simulated GPU, shared by every process on the machine through a folder.
 
-The state lives in ``<dir>/state.json``; every operation takes an exclusive ``flock`` on
+The state of device 0 lives in ``<dir>/state.json``, that of device i ≥ 1 in
+``<dir>/device-<i>/state.json`` (same format; each device has its own ``SIM-<uuid4>``
+UUID and lock); every operation on a device takes an exclusive ``flock`` on
 ``<dir>/lock``, reads the state, changes it and writes it back atomically (temp file +
 ``os.replace``), so any number of processes can allocate at once and the sum of what
 they hold never exceeds the total.
@@ -12,6 +14,10 @@ still counted as used for ``reclaim_lag_s`` after the first read that saw it dea
 dropped. An allocation beyond what is free fails with
 :class:`~gpusm.errors.SimOutOfMemory` and is recorded as an OOM, so tests can prove that
 none happened.
+
+:meth:`SimGpu.open_all` opens (or creates) every device of a folder, :class:`SimProbe`
+reads them all, and :func:`select_devices` picks the ones a ``CUDA_VISIBLE_DEVICES``
+value names (indices or UUIDs), as the fake model server does.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,11 +40,23 @@ from gpusm import procs
 from gpusm.errors import GpuProbeError, SimOutOfMemory
 from gpusm.ports import DeviceSnapshot
 
-__all__ = ["DEFAULT_RECLAIM_LAG_S", "SIM_GPU_NAME", "SimAllocation", "SimGpu", "SimProbe"]
+__all__ = [
+    "DEFAULT_RECLAIM_LAG_S",
+    "MAX_SIM_DEVICES",
+    "SIM_GPU_NAME",
+    "SimAllocation",
+    "SimGpu",
+    "SimProbe",
+    "UnknownSimDevice",
+    "select_devices",
+]
 
 SIM_GPU_NAME = "gpusm simulated GPU"
 DEFAULT_RECLAIM_LAG_S = 0.2
+# As many as the config allows (gpu.sim.devices).
+MAX_SIM_DEVICES = 16
 _STATE = "state.json"
+_DEVICE_DIR = "device-{index}"
 _LOCK = "lock"
 _FORMAT = 1
 # Keep the file small however long a test hammers it: only the newest OOMs are kept.
@@ -86,14 +105,19 @@ def _same_process(record: dict[str, Any], create_time: float | None) -> bool:
     )
 
 
+class UnknownSimDevice(GpuProbeError):
+    """A device named (by index or UUID, e.g. in ``CUDA_VISIBLE_DEVICES``) that the sim lacks."""
+
+
 class SimGpu:
-    """Handle on the simulated GPU in ``directory``; cheap, and safe to use from many processes.
+    """Handle on one simulated GPU in ``directory``; cheap, and safe to use from many processes.
 
     Opening an existing folder reads its size and lag. A missing one is created when
     ``total_mib`` is given, else :class:`GpuProbeError` says how to create it. Giving
     ``total_mib`` or ``reclaim_lag_s`` for an existing GPU applies them (a resize is refused
     while more than the new size is in use). ``time_fn`` is the wall clock shared by all
-    processes (injectable for tests).
+    processes (injectable for tests). ``index`` is the device's index among the devices of
+    its sim folder (device i ≥ 1 lives in ``<sim folder>/device-<i>``, see :meth:`open_all`).
     """
 
     def __init__(
@@ -103,8 +127,10 @@ class SimGpu:
         reclaim_lag_s: float | None = None,
         *,
         time_fn: Callable[[], float] = time.time,
+        index: int = 0,
     ) -> None:
         self.directory = Path(directory)
+        self.index = index
         self._time = time_fn
         # Refreshed from the shared state on every operation (another process may resize).
         self.total_mib = 0
@@ -114,6 +140,11 @@ class SimGpu:
         if reclaim_lag_s is not None and reclaim_lag_s < 0:
             raise GpuProbeError(f"reclaim lag must be 0 s or more, got {reclaim_lag_s}")
         if not (self.directory / _STATE).exists() and total_mib is None:
+            if index > 0:
+                raise UnknownSimDevice(
+                    f"no simulated GPU device {index} at {self.directory}; create it with "
+                    f"`gpusm sim create --devices {index + 1} --total-mib N`"
+                )
             raise GpuProbeError(
                 f"no simulated GPU at {self.directory}; create it with "
                 "`gpusm sim create --total-mib N` (or pass --total-mib N)"
@@ -133,6 +164,77 @@ class SimGpu:
     def exists(directory: Path) -> bool:
         """Whether a simulated GPU was created in ``directory``."""
         return (Path(directory) / _STATE).is_file()
+
+    @staticmethod
+    def device_dir(directory: Path, index: int) -> Path:
+        """The folder of device ``index`` of the sim in ``directory`` (device 0: itself)."""
+        if index < 0:
+            raise UnknownSimDevice(f"no simulated GPU device {index}: indices start at 0")
+        root = Path(directory)
+        return root if index == 0 else root / _DEVICE_DIR.format(index=index)
+
+    @staticmethod
+    def count(directory: Path) -> int:
+        """How many devices the sim in ``directory`` has: 0 if none was created, else device
+        0 and every ``device-<i>`` after it without a gap."""
+        n = 0
+        while n < MAX_SIM_DEVICES and SimGpu.exists(SimGpu.device_dir(directory, n)):
+            n += 1
+        return n
+
+    @classmethod
+    def open_all(
+        cls,
+        directory: Path,
+        total_mib: int | Sequence[int] | None = None,
+        reclaim_lag_s: float | None = None,
+        *,
+        devices: int | None = None,
+        apply: bool = False,
+        time_fn: Callable[[], float] = time.time,
+    ) -> list[SimGpu]:
+        """Every device of the sim in ``directory``, device 0 first; missing ones created.
+
+        How many: ``devices`` if given, else as many sizes as ``total_mib`` lists (when more
+        than one), else as many as exist (at least 1). ``total_mib`` is one size for every
+        device or one per device; a device that must be created needs one. An existing
+        device keeps its size and lag unless ``apply`` (then a resize is refused while
+        more than the new size is in use). With ``devices`` and ``apply``, the devices past
+        ``devices`` are removed (refused while a live process holds memory on one);
+        without ``apply`` they are left alone and not returned.
+        """
+        existing = cls.count(directory)
+        if devices is None:
+            if not isinstance(total_mib, int) and total_mib is not None and len(total_mib) > 1:
+                devices = len(total_mib)
+            else:
+                devices = max(existing, 1)
+        if not 1 <= devices <= MAX_SIM_DEVICES:
+            raise GpuProbeError(
+                f"a simulated GPU has 1 to {MAX_SIM_DEVICES} devices, not {devices}"
+            )
+        if total_mib is None or isinstance(total_mib, int):
+            sizes: list[int | None] = [total_mib] * devices
+        elif len(total_mib) == 1:
+            sizes = [total_mib[0]] * devices
+        elif len(total_mib) == devices:
+            sizes = list(total_mib)
+        else:
+            raise GpuProbeError(
+                f"{len(total_mib)} sizes for {devices} simulated devices; "
+                "give one size, or one per device"
+            )
+        opened = []
+        for index, size in enumerate(sizes):
+            folder = cls.device_dir(directory, index)
+            if cls.exists(folder) and not apply:
+                opened.append(cls(folder, time_fn=time_fn, index=index))
+            else:
+                opened.append(cls(folder, size, reclaim_lag_s, time_fn=time_fn, index=index))
+        if apply:
+            for index in range(existing - 1, devices - 1, -1):
+                cls(cls.device_dir(directory, index), time_fn=time_fn, index=index)._remove()
+        return opened
 
     def allocate(self, mib: int, pid: int | None = None) -> None:
         """Add ``mib`` MiB to what ``pid`` (default: this process) holds, or raise SimOutOfMemory.
@@ -209,7 +311,7 @@ class SimGpu:
             used = self._used(state)
             processes = self._holders(state)
         return DeviceSnapshot(
-            index=0,
+            index=self.index,
             uuid=self.uuid,
             name=SIM_GPU_NAME,
             total_mib=total,
@@ -262,6 +364,27 @@ class SimGpu:
             return dropped
 
     # ------------------------------------------------------------ internals
+    def _remove(self) -> None:
+        """Delete this device's folder (never device 0's); refused while live holders exist."""
+        if self.index == 0:
+            raise GpuProbeError("device 0 is the sim folder itself and cannot be removed")
+        with self._locked() as state:
+            live = self._holders(state)
+            if live:
+                pids = ", ".join(f"{pid} ({mib} MiB)" for pid, mib in sorted(live.items()))
+                raise GpuProbeError(
+                    f"cannot remove simulated GPU device {self.index}: live processes hold "
+                    f"memory on it: {pids}"
+                )
+            try:
+                (self.directory / _STATE).unlink()
+            except OSError as exc:
+                raise GpuProbeError(
+                    f"cannot remove simulated GPU device {self.index}: {exc.strerror}"
+                ) from exc
+            state.clear()  # nothing to write back
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     @staticmethod
     def _used(state: dict[str, Any]) -> int:
         return sum(int(r["mib"]) for r in state["allocations"])
@@ -315,8 +438,9 @@ class SimGpu:
             try:
                 yield state
             finally:
-                # Written even when the body raised: an OOM record must persist.
-                if json.dumps(state, sort_keys=True) != before:
+                # Written even when the body raised: an OOM record must persist. An emptied
+                # state is a device being removed: nothing to write.
+                if state and json.dumps(state, sort_keys=True) != before:
                     self._write(state_path, state)
         finally:
             os.close(lock_fd)  # closing the descriptor releases the flock
@@ -382,30 +506,76 @@ class SimGpu:
             raise GpuProbeError(f"cannot write {path}: {exc.strerror}") from exc
 
 
+def select_devices(devices: SimGpu | Sequence[SimGpu], visible: str | None) -> list[SimGpu]:
+    """The devices a ``CUDA_VISIBLE_DEVICES`` value names, in its order.
+
+    ``visible`` is a comma-separated list of device indices or UUIDs (both may be mixed);
+    None or blank means device 0. A name that matches none of ``devices``, or a device
+    named twice, raises :class:`UnknownSimDevice`.
+    """
+    pool = [devices] if isinstance(devices, SimGpu) else list(devices)
+    if visible is None or not visible.strip():
+        visible = "0"
+    chosen: list[SimGpu] = []
+    for name in (part.strip() for part in visible.split(",")):
+        found = next((d for d in pool if name in (str(d.index), d.uuid)), None)
+        if found is None:
+            known = ", ".join(f"{d.index} ({d.uuid})" for d in pool)
+            raise UnknownSimDevice(
+                f"CUDA_VISIBLE_DEVICES={visible!r} names {name!r}, which is no simulated GPU "
+                f"device; the devices are {known}"
+            )
+        if found in chosen:
+            raise UnknownSimDevice(
+                f"CUDA_VISIBLE_DEVICES={visible!r} names device {found.index} twice"
+            )
+        chosen.append(found)
+    return chosen
+
+
 class SimProbe:
-    """The :class:`~gpusm.ports.GpuProbe` of a simulated GPU: one device, index 0."""
+    """The :class:`~gpusm.ports.GpuProbe` of simulated GPUs: one or several devices.
+
+    ``devices`` is one :class:`SimGpu` or the devices in index order (as
+    :meth:`SimGpu.open_all` returns them); ``sim`` is device 0.
+    """
 
     # The simulated GPU's accounting is exact.
     slack_mib = 0
 
-    def __init__(self, sim: SimGpu) -> None:
-        self.sim = sim
+    def __init__(self, devices: SimGpu | Sequence[SimGpu]) -> None:
+        self.devices: list[SimGpu] = [devices] if isinstance(devices, SimGpu) else list(devices)
+        if not self.devices:
+            raise GpuProbeError("a simulated GPU probe needs at least one device")
+        for position, sim in enumerate(self.devices):
+            if sim.index != position:
+                raise GpuProbeError(
+                    f"simulated GPU device {sim.index} ({sim.directory}) is at position "
+                    f"{position}; give the devices in index order, from 0"
+                )
+        self.sim = self.devices[0]
 
     def device_count(self) -> int:
-        """Always 1."""
-        return 1
+        """How many simulated devices the probe reads."""
+        return len(self.devices)
+
+    def device(self, device: int | str = 0) -> SimGpu:
+        """The device with this index or UUID; anything else raises GpuProbeError."""
+        for sim in self.devices:
+            if device == sim.uuid or (
+                isinstance(device, int) and not isinstance(device, bool) and device == sim.index
+            ):
+                return sim
+        known = ", ".join(f"index {d.index}, uuid {d.uuid}" for d in self.devices)
+        raise GpuProbeError(f"no GPU {device!r}: the simulated GPUs are {known}")
 
     def snapshot(self, device: int | str = 0) -> DeviceSnapshot:
-        """The simulated GPU, by index 0 or its UUID; anything else raises GpuProbeError."""
-        if device != 0 and device != self.sim.uuid:
-            raise GpuProbeError(
-                f"no GPU {device!r}: the simulated GPU is index 0, uuid {self.sim.uuid}"
-            )
-        return self.sim.snapshot()
+        """A simulated device, by index or UUID; anything else raises GpuProbeError."""
+        return self.device(device).snapshot()
 
     def oom_count(self) -> int | None:
-        """Allocations the simulated GPU refused since it was created."""
-        return len(self.sim.ooms())
+        """Allocations the simulated devices refused since they were created, all together."""
+        return sum(len(sim.ooms()) for sim in self.devices)
 
     def close(self) -> None:
         """Nothing to release; idempotent."""

@@ -37,6 +37,17 @@ class TestSimProbeContract(GpuProbeContract):
         return os.getpid()
 
 
+class TestMultiDeviceSimProbeContract(GpuProbeContract):
+    def make_probe(self, tmp_path: Path) -> GpuProbe:
+        devices = SimGpu.open_all(tmp_path / "sim", [8192, 4096], reclaim_lag_s=0.0)
+        return SimProbe(devices)
+
+    def hold(self, probe: GpuProbe, mib: int) -> int:
+        assert isinstance(probe, SimProbe)
+        probe.devices[0].allocate(mib)
+        return os.getpid()
+
+
 class TestFakeNvmlProbeContract(GpuProbeContract):
     def make_probe(self, tmp_path: Path) -> GpuProbe:
         self.nvml = FakeNvml(
