@@ -6,9 +6,19 @@ kernel reused for something else is never mistaken for ours and never signalled.
 
 - ``start`` runs ``NativeServiceConfig.command`` (``{python}`` in any argument becomes
   ``sys.executable``) in ``cwd`` with ``os.environ`` + ``extra_env`` + ``service.env`` +
-  the markers ``GPUSM_SERVICE``/``GPUSM_INSTANCE``, in a new session; stdout and
-  stderr are appended to ``<log_dir>/<service>.log``, after a header line naming the
-  instance, so that ``log_tail`` can tell the instances of one service apart.
+  the device variables + the markers ``GPUSM_SERVICE``/``GPUSM_INSTANCE``, in a new
+  session; stdout and stderr are appended to ``<log_dir>/<service>.log``, after a header
+  line naming the instance, so that ``log_tail`` can tell the instances of one service
+  apart.
+- Devices (:func:`device_env`, :func:`fill_devices`, shared with the Docker runtime):
+  given a :class:`~gpusm.ports.Placement`, the process gets
+  ``CUDA_VISIBLE_DEVICES=<placement.visible_devices()>`` and
+  ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, over anything inherited *and* over the service's own
+  ``env``. ``{gpu}`` (the first placed index) and ``{gpus}`` (the placed indices, comma
+  separated) are replaced in ``command`` and in ``env`` values. Without a placement no
+  device variable is set (an inherited one passes through) and both placeholders are the
+  configured device: ``gpu: N``, else 0. The indices are gpusm's (and nvidia-smi's); a
+  CUDA program sees its placed devices renumbered from 0.
 - Logs are bounded simply: at each start, a log larger than ``log_max_bytes`` is
   renamed to ``<service>.log.1`` (replacing the previous one) and a new one begun. A
   single run can therefore grow a log past the bound; the next start cuts it.
@@ -38,16 +48,27 @@ from typing import TYPE_CHECKING, BinaryIO
 from gpusm import procs
 from gpusm.config import NativeServiceConfig
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed, ServiceStopFailed
-from gpusm.ports import Handle, Runtime, StopResult
+from gpusm.ports import Handle, Placement, Runtime, StopResult
 from gpusm.procs import Proc
 
 if TYPE_CHECKING:
     from gpusm.config import ServiceConfig
 
-__all__ = ["INSTANCE_ENV", "SERVICE_ENV", "NativeRuntime"]
+__all__ = [
+    "CUDA_ORDER_ENV",
+    "CUDA_VISIBLE_ENV",
+    "INSTANCE_ENV",
+    "SERVICE_ENV",
+    "NativeRuntime",
+    "device_env",
+    "device_indices",
+    "fill_devices",
+]
 
 SERVICE_ENV = "GPUSM_SERVICE"
 INSTANCE_ENV = "GPUSM_INSTANCE"
+CUDA_VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+CUDA_ORDER_ENV = "CUDA_DEVICE_ORDER"
 
 _POLL_S = 0.02
 # How long SIGKILLed processes may take to disappear before the stop counts as failed.
@@ -90,8 +111,11 @@ class NativeRuntime:
         self.marker_filter = marker_filter
 
     # ------------------------------------------------------------ start
-    def start(self, service: ServiceConfig, instance: str) -> Handle:
-        """Launch ``service`` as instance ``instance``; ServiceStartFailed if it cannot run."""
+    def start(
+        self, service: ServiceConfig, instance: str, placement: Placement | None = None
+    ) -> Handle:
+        """Launch ``service`` as instance ``instance`` on ``placement``'s devices (see the
+        module docstring); ServiceStartFailed if it cannot run."""
         name = service.name
         if not isinstance(service, NativeServiceConfig):
             raise ServiceStartFailed(
@@ -101,13 +125,23 @@ class NativeRuntime:
             )
         if not service.command:
             raise ServiceStartFailed(name, "no command to run; set services.<name>.command")
-        argv = [arg.replace("{python}", sys.executable) for arg in service.command]
+        indices = device_indices(service, placement)
+        argv = [
+            fill_devices(arg.replace("{python}", sys.executable), indices)
+            for arg in service.command
+        ]
         cwd = service.cwd
         if cwd is not None and not cwd.is_dir():
             raise ServiceStartFailed(
                 name, f"working directory {str(cwd)!r} does not exist; create it or fix cwd"
             )
-        env = {**os.environ, **self.extra_env, **service.env}
+        env = {
+            **os.environ,
+            **self.extra_env,
+            **{key: fill_devices(value, indices) for key, value in service.env.items()},
+            # Last on purpose: the placement wins over the service's own env (device_env).
+            **device_env(placement),
+        }
         env[SERVICE_ENV] = name
         env[INSTANCE_ENV] = instance
         log = self._open_log(name)
@@ -332,6 +366,43 @@ class NativeRuntime:
     # ------------------------------------------------------------ close
     def close(self) -> None:
         """Nothing to release (services keep running); idempotent."""
+
+
+def device_indices(service: ServiceConfig, placement: Placement | None) -> tuple[int, ...]:
+    """The indices ``{gpu}``/``{gpus}`` stand for: the placement's, else the configured
+    device (``gpu: N``, or 0)."""
+    if placement is None:
+        pinned = service.pinned
+        return (0 if pinned is None else pinned,)
+    if not placement.indices:
+        raise ServiceStartFailed(service.name, "its placement names no device")
+    return tuple(placement.indices)
+
+
+def fill_devices(text: str, indices: Sequence[int]) -> str:
+    """``text`` with ``{gpus}`` -> the indices comma separated, ``{gpu}`` -> the first."""
+    return text.replace("{gpus}", ",".join(str(i) for i in indices)).replace(
+        "{gpu}", str(indices[0])
+    )
+
+
+def device_env(placement: Placement | None, visible: str | None = None) -> dict[str, str]:
+    """The device variables for ``placement`` (none without one); ``visible`` overrides
+    the value of ``CUDA_VISIBLE_DEVICES`` (a container that sees only some devices).
+
+    They are applied over the service's own ``env`` on purpose: gpusm admits, accounts
+    and evicts by the devices it placed the instance on, so a process that picked other
+    devices would use VRAM gpusm counts as free elsewhere and break every guarantee. To
+    choose devices, configure ``gpu:`` instead. ``PCI_BUS_ID`` makes CUDA number devices
+    as NVML and nvidia-smi do (CUDA's default puts the fastest first), which is what the
+    indices mean.
+    """
+    if placement is None:
+        return {}
+    return {
+        CUDA_VISIBLE_ENV: placement.visible_devices() if visible is None else visible,
+        CUDA_ORDER_ENV: "PCI_BUS_ID",
+    }
 
 
 def attribute_by_lineage(pids: Collection[int], handles: Sequence[Handle]) -> dict[int, Handle]:

@@ -16,7 +16,7 @@ import pytest
 from gpusm import procs
 from gpusm.config import DockerServiceConfig, HealthConfig, NativeServiceConfig
 from gpusm.errors import ServiceStartFailed
-from gpusm.ports import Handle
+from gpusm.ports import Handle, Placement
 from gpusm.procs import kill_tree
 from gpusm.runtimes import native
 from gpusm.runtimes.native import NativeRuntime
@@ -101,6 +101,71 @@ def test_python_placeholder_runs_this_interpreter(rt: NativeRuntime) -> None:
     eventually(lambda: not rt.is_alive(handle))
     assert rt.exit_code(handle) == 0
     assert rt.log_tail(handle, lines=1) == sys.executable
+
+
+def _proc_view(pid: int) -> tuple[list[str], dict[str, str]]:
+    """The argv and the initial environment of ``pid``, as the kernel has them."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    env = dict(entry.split("=", 1) for entry in raw if "=" in entry)
+    return argv, env
+
+
+_DEVICE_SERVICE_ENV = {
+    "DEVICE": "cuda:{gpu}",
+    "DEVICES": "[{gpus}]",
+    # A service's own values lose to the placement (gpusm accounts by the placement).
+    "CUDA_VISIBLE_DEVICES": "7",
+    "CUDA_DEVICE_ORDER": "FASTEST_FIRST",
+}
+
+
+def test_placement_sets_the_cuda_env_and_fills_gpu_placeholders(
+    rt: NativeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # inherited: overridden too
+    svc = NativeServiceConfig(
+        name="placed",
+        command=["{python}", "-c", "import time; time.sleep(60)", "--gpu={gpu}", "{gpus}"],
+        env=_DEVICE_SERVICE_ENV,
+        vram_mib=0,
+        health=_HEALTH,
+    )
+    placement = Placement(indices=(3, 1), uuids=("GPU-aaaa", "GPU-bbbb"))
+    handle = rt.start(svc, instance(), placement)
+    assert handle.pid is not None
+    argv, env = _proc_view(handle.pid)
+    assert argv == [sys.executable, "-c", "import time; time.sleep(60)", "--gpu=3", "3,1"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa,GPU-bbbb"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert (env["DEVICE"], env["DEVICES"]) == ("cuda:3", "[3,1]")
+    assert env["GPUSM_INSTANCE"] == handle.instance
+
+
+def test_placement_without_uuids_makes_the_indices_visible(rt: NativeRuntime) -> None:
+    svc = service("byindex", "import time; time.sleep(60)", env=_DEVICE_SERVICE_ENV)
+    handle = rt.start(svc, instance(), Placement(indices=(0, 2)))
+    assert handle.pid is not None
+    _, env = _proc_view(handle.pid)
+    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == ("0,2", "PCI_BUS_ID")
+    assert (env["DEVICE"], env["DEVICES"]) == ("cuda:0", "[0,2]")
+
+
+@pytest.mark.parametrize(("gpu", "expected"), [(2, "2"), ("auto", "0"), ([1, 3], "0")])
+def test_without_placement_no_cuda_env_is_set_and_placeholders_are_the_configured_device(
+    rt: NativeRuntime, monkeypatch: pytest.MonkeyPatch, gpu: object, expected: str
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    svc = service(
+        "unplaced", "import time; time.sleep(60)", gpu=gpu, env={"DEVICE": "{gpu}/{gpus}"}
+    )
+    handle = rt.start(svc, instance())
+    assert handle.pid is not None
+    _, env = _proc_view(handle.pid)
+    assert "CUDA_VISIBLE_DEVICES" not in env
+    assert "CUDA_DEVICE_ORDER" not in env
+    assert env["DEVICE"] == f"{expected}/{expected}"
 
 
 def test_output_goes_to_the_service_log_and_exit_code_is_kept(rt: NativeRuntime) -> None:
