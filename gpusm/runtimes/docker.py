@@ -7,6 +7,22 @@ subclasses, naming the service and a fix. Containers get the labels
 ``no`` (the coordinator owns restarts), published ports on 127.0.0.1 unless the spec
 names an address, and the name ``gpusm-<service>-<instance[:8]>``. Images are never
 pulled unless the service says ``pull: true``.
+
+Devices: given a :class:`~gpusm.ports.Placement`, the container gets the same
+``CUDA_VISIBLE_DEVICES``/``CUDA_DEVICE_ORDER`` and ``{gpu}``/``{gpus}`` placeholders (in
+``command`` and ``env`` values) as a native process (see :mod:`gpusm.runtimes.native`).
+Which GPUs the engine hands the container:
+
+- a service's own ``gpus:`` (``all`` or a list of indices) keeps its meaning and wins: the
+  operator asked for exactly that device request;
+- else, when the runtime is built with ``gpu_requests=True`` (the real, NVML backend), an
+  NVIDIA device request for the placed devices: their UUIDs, else their indices;
+- else none: the simulated GPU needs no device, and an engine without the NVIDIA runtime
+  could not start a container that asks for one.
+
+Inside a container that sees only some devices they are numbered from 0, so when the
+placement has no UUIDs ``CUDA_VISIBLE_DEVICES`` names each placed device by its position
+among those the container sees; UUIDs mean the same inside and out.
 """
 
 from __future__ import annotations
@@ -28,8 +44,8 @@ from gpusm import procs
 from gpusm.clock import SystemClock
 from gpusm.config import DockerServiceConfig, ServiceConfig
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed, ServiceStopFailed
-from gpusm.ports import Clock, Handle, Runtime, StopResult
-from gpusm.runtimes.native import attribute_by_lineage
+from gpusm.ports import Clock, Handle, Placement, Runtime, StopResult
+from gpusm.runtimes.native import attribute_by_lineage, device_env, device_indices, fill_devices
 
 __all__ = ["LABEL_INSTANCE", "LABEL_SERVICE", "RUNTIME_ENV", "DockerRuntime", "container_name"]
 
@@ -59,7 +75,8 @@ class DockerRuntime:
     a service's own ``env`` wins over it, and ``GPUSM_SERVICE``/``GPUSM_INSTANCE`` win
     over both. ``extra_labels`` go on every container this runtime creates, and
     ``find_orphans`` then reports only containers that carry all of them (so runs side by
-    side, e.g. tests, see only their own).
+    side, e.g. tests, see only their own). ``gpu_requests`` says the GPUs are real: a
+    placed container then gets an NVIDIA device request for its devices (module docstring).
     """
 
     def __init__(
@@ -71,8 +88,10 @@ class DockerRuntime:
         extra_labels: Mapping[str, str] | None = None,
         clock: Clock | None = None,
         kind: str = "docker",
+        gpu_requests: bool = False,
     ) -> None:
         self.kind = kind
+        self.gpu_requests = gpu_requests
         self._factory: Callable[[], Any] = client_factory or _client_from_env
         self._client: Any = None
         self._bind_ip = default_bind_ip
@@ -81,38 +100,23 @@ class DockerRuntime:
         self._clock: Clock = clock or SystemClock()
 
     # ------------------------------------------------------------ Runtime port
-    def start(self, service: ServiceConfig, instance: str) -> Handle:
-        """Create and start the container; ServiceStartFailed (with the fix) if it cannot.
+    def start(
+        self, service: ServiceConfig, instance: str, placement: Placement | None = None
+    ) -> Handle:
+        """Create and start the container on ``placement``'s devices; ServiceStartFailed
+        (with the fix) if it cannot.
 
         Host ports the service needs (published TCP ports, and a local health port) must
         be free first. With ``pull: true`` a missing image is pulled; a local one is used.
         """
         name = service.name
-        if not isinstance(service, DockerServiceConfig):
-            raise ServiceStartFailed(
-                name,
-                f"it is a {service.runtime!r} service, not a docker one; the runtime "
-                f"{self.kind!r} runs only services with runtime: docker",
-            )
-        image = service.image or ""
-        kwargs = self._create_kwargs(service, instance)
-        self._check_ports_free(service)
-        client = self._connect(name, ServiceStartFailed)
-        container: Any = None
+        container = self._create(service, instance, placement)
         try:
-            try:
-                container = client.containers.create(image, **kwargs)
-            except docker.errors.ImageNotFound:
-                if not service.pull:
-                    raise
-                self._pull(client, service)
-                container = client.containers.create(image, **kwargs)
             container.start()
             container.reload()
         except (docker.errors.DockerException, OSError) as exc:
-            if container is not None:
-                self._discard(container)
-            self._fail(exc, name, ServiceStartFailed, "start", image=image, cname=kwargs["name"])
+            self._discard(container)
+            self._fail(exc, name, ServiceStartFailed, "start", cname=str(container.name))
         pid = int(container.attrs["State"].get("Pid") or 0) or None
         return Handle(
             service=name,
@@ -122,6 +126,40 @@ class DockerRuntime:
             container_id=str(container.id),
             kind=self.kind,
         )
+
+    def create(
+        self, service: ServiceConfig, instance: str, placement: Placement | None = None
+    ) -> str:
+        """Create, and do not start, the container ``start`` would start; its id.
+
+        The very path ``start`` takes (checks, settings, pull), for looking at what a
+        container would get (e.g. a device request) where it could not run. The caller
+        removes it.
+        """
+        return str(self._create(service, instance, placement).id)
+
+    def _create(self, service: ServiceConfig, instance: str, placement: Placement | None) -> Any:
+        name = service.name
+        if not isinstance(service, DockerServiceConfig):
+            raise ServiceStartFailed(
+                name,
+                f"it is a {service.runtime!r} service, not a docker one; the runtime "
+                f"{self.kind!r} runs only services with runtime: docker",
+            )
+        image = service.image or ""
+        kwargs = self._create_kwargs(service, instance, placement)
+        self._check_ports_free(service)
+        client = self._connect(name, ServiceStartFailed)
+        try:
+            try:
+                return client.containers.create(image, **kwargs)
+            except docker.errors.ImageNotFound:
+                if not service.pull:
+                    raise
+                self._pull(client, service)
+                return client.containers.create(image, **kwargs)
+        except (docker.errors.DockerException, OSError) as exc:
+            self._fail(exc, name, ServiceStartFailed, "start", image=image, cname=kwargs["name"])
 
     def is_alive(self, handle: Handle) -> bool:
         """Whether the handle's container runs, still with the main process the handle names.
@@ -320,10 +358,17 @@ class DockerRuntime:
         mine = (labels.get(LABEL_SERVICE), labels.get(LABEL_INSTANCE))
         return container if mine == (handle.service, handle.instance) else None
 
-    def _create_kwargs(self, service: DockerServiceConfig, instance: str) -> dict[str, Any]:
+    def _create_kwargs(
+        self, service: DockerServiceConfig, instance: str, placement: Placement | None = None
+    ) -> dict[str, Any]:
+        indices = device_indices(service, placement)
+        requests, seen = self._device_requests(service, placement)
+        visible = None if placement is None else _visible_inside(placement, seen)
         env = {
             **self._extra_env,
-            **service.env,
+            **{key: fill_devices(value, indices) for key, value in service.env.items()},
+            # Over the service's own env on purpose: see native.device_env.
+            **device_env(placement, visible),
             "GPUSM_SERVICE": service.name,
             "GPUSM_INSTANCE": instance,
             # A container's processes are host processes too; this tells the native
@@ -332,7 +377,9 @@ class DockerRuntime:
         }
         kwargs: dict[str, Any] = {
             "name": container_name(service.name, instance),
-            "command": list(service.command) if service.command else None,
+            "command": [fill_devices(arg, indices) for arg in service.command]
+            if service.command
+            else None,
             "environment": env,
             "labels": {
                 **self._extra_labels,
@@ -349,16 +396,30 @@ class DockerRuntime:
             kwargs["network_mode"] = service.network_mode
         if service.pid_mode:
             kwargs["pid_mode"] = service.pid_mode
-        if service.gpus == "all":
-            kwargs["device_requests"] = [
-                DeviceRequest(driver="nvidia", count=-1, capabilities=[["gpu"]])
-            ]
-        elif service.gpus:
-            ids = [str(i) for i in service.gpus]
-            kwargs["device_requests"] = [
-                DeviceRequest(driver="nvidia", device_ids=ids, capabilities=[["gpu"]])
-            ]
+        if requests:
+            kwargs["device_requests"] = requests
         return kwargs
+
+    def _device_requests(
+        self, service: DockerServiceConfig, placement: Placement | None
+    ) -> tuple[list[DeviceRequest], list[int] | None]:
+        """The device requests (module docstring), and the indices of the devices the
+        container will see (None: all of them, or not known)."""
+        if service.gpus == "all":
+            return [DeviceRequest(driver="nvidia", count=-1, capabilities=[["gpu"]])], None
+        if service.gpus:
+            # The operator's explicit choice keeps its meaning, placement or not.
+            ids = [str(i) for i in service.gpus]
+            request = DeviceRequest(driver="nvidia", device_ids=ids, capabilities=[["gpu"]])
+            return [request], list(service.gpus)
+        if self.gpu_requests and placement is not None:
+            if _uuids_known(placement):
+                ids = list(placement.uuids)
+            else:
+                ids = [str(i) for i in placement.indices]
+            request = DeviceRequest(driver="nvidia", device_ids=ids, capabilities=[["gpu"]])
+            return [request], list(placement.indices)
+        return [], None
 
     def _port_bindings(self, specs: list[str]) -> dict[str, list[tuple[str, int]]]:
         bindings: dict[str, list[tuple[str, int]]] = {}
@@ -506,6 +567,21 @@ def _client_from_env() -> Any:
             sock.settimeout(5.0)
             sock.connect(host.removeprefix("unix://"))  # OSError -> "cannot reach"
     return docker.from_env()
+
+
+def _uuids_known(placement: Placement) -> bool:
+    """Whether ``CUDA_VISIBLE_DEVICES`` names the placed devices by UUID."""
+    return bool(placement.uuids) and all(placement.uuids)
+
+
+def _visible_inside(placement: Placement, seen: list[int] | None) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` in a container that sees only the devices ``seen``: each
+    placed device by its position among them (the container numbers them from 0, in bus
+    order). None (the placement's own value) when UUIDs name them, or all are seen."""
+    if _uuids_known(placement) or seen is None or not set(placement.indices) <= set(seen):
+        return None
+    order = sorted(seen)
+    return ",".join(str(order.index(i)) for i in placement.indices)
 
 
 def _parse_port(spec: str, default_ip: str) -> tuple[str, int, int, str]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from gpusm.config import HealthConfig, NativeServiceConfig
+from gpusm.config import DockerServiceConfig, HealthConfig, NativeServiceConfig
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed, ServiceStopFailed
-from gpusm.ports import Handle
+from gpusm.ports import Handle, Placement
 from gpusm.runtimes.docker import DockerRuntime, container_name
 from tests.runtimes.docker_helpers import busybox_service, free_tcp_port
 
@@ -136,6 +136,71 @@ def test_gpus_become_nvidia_device_requests() -> None:
     assert "device_requests" not in none
     # No image default is overridden unless the service gives a command.
     assert rt._create_kwargs(busybox_service("d", SLEEP, command=None), "i")["command"] is None
+
+
+_PLACED = Placement(indices=(3, 1), uuids=("GPU-aaaa", "GPU-bbbb"))
+
+
+def _gpu_service(**overrides: object) -> DockerServiceConfig:
+    return busybox_service(
+        "g",
+        "serve --device={gpu} --devices={gpus}",
+        env={"DEVICE": "cuda:{gpu}", "CUDA_VISIBLE_DEVICES": "7", "CUDA_DEVICE_ORDER": "x"},
+        **overrides,
+    )
+
+
+def test_placement_sets_cuda_env_over_the_services_and_fills_placeholders() -> None:
+    kwargs = DockerRuntime()._create_kwargs(_gpu_service(), "i", _PLACED)
+    env = kwargs["environment"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa,GPU-bbbb"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["DEVICE"] == "cuda:3"
+    assert kwargs["command"] == ["sh", "-c", "serve --device=3 --devices=3,1"]
+    # The simulated backend (gpu_requests False): no device request.
+    assert "device_requests" not in kwargs
+
+
+def test_without_placement_no_cuda_env_and_placeholders_are_the_configured_device() -> None:
+    kwargs = DockerRuntime(gpu_requests=True)._create_kwargs(_gpu_service(gpu=2), "i")
+    env = kwargs["environment"]
+    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == ("7", "x")  # the service's
+    assert env["DEVICE"] == "cuda:2"
+    assert kwargs["command"] == ["sh", "-c", "serve --device=2 --devices=2"]
+    assert "device_requests" not in kwargs
+    auto = DockerRuntime()._create_kwargs(_gpu_service(), "i")
+    assert auto["command"] == ["sh", "-c", "serve --device=0 --devices=0"]
+
+
+def test_real_gpus_get_a_device_request_for_the_placed_uuids_or_indices() -> None:
+    rt = DockerRuntime(gpu_requests=True)
+    [request] = rt._create_kwargs(_gpu_service(), "i", _PLACED)["device_requests"]
+    assert (request["Driver"], request["DeviceIDs"], request["Capabilities"]) == (
+        "nvidia",
+        ["GPU-aaaa", "GPU-bbbb"],
+        [["gpu"]],
+    )
+    by_index = rt._create_kwargs(_gpu_service(), "i", Placement(indices=(3, 1)))
+    [request] = by_index["device_requests"]
+    assert request["DeviceIDs"] == ["3", "1"]
+    # The container sees devices 1 and 3 only, as 0 and 1; the placement's order is kept.
+    assert by_index["environment"]["CUDA_VISIBLE_DEVICES"] == "1,0"
+    assert by_index["command"] == ["sh", "-c", "serve --device=3 --devices=3,1"]
+
+
+def test_a_services_own_gpus_win_over_the_placement() -> None:
+    rt = DockerRuntime(gpu_requests=True)
+    every = rt._create_kwargs(_gpu_service(gpus="all"), "i", Placement(indices=(2,)))
+    [request] = every["device_requests"]
+    assert (request["Count"], request["DeviceIDs"]) == (-1, [])
+    assert every["environment"]["CUDA_VISIBLE_DEVICES"] == "2"  # all seen: host numbering
+    some = rt._create_kwargs(_gpu_service(gpus=[4, 2]), "i", Placement(indices=(4,)))
+    [request] = some["device_requests"]
+    assert request["DeviceIDs"] == ["4", "2"]
+    assert some["environment"]["CUDA_VISIBLE_DEVICES"] == "1"  # 4 is the second of 2, 4
+    named = rt._create_kwargs(_gpu_service(gpus=[4, 2]), "i", _PLACED)
+    assert named["device_requests"][0]["DeviceIDs"] == ["4", "2"]
+    assert named["environment"]["CUDA_VISIBLE_DEVICES"] == "GPU-aaaa,GPU-bbbb"
 
 
 def test_container_name_keeps_only_characters_docker_allows() -> None:
