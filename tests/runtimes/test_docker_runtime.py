@@ -16,7 +16,7 @@ import pytest
 from gpusm.config import HealthConfig
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed
 from gpusm.gpu.sim import SimGpu
-from gpusm.ports import Handle
+from gpusm.ports import Handle, Placement
 from gpusm.runtimes.docker import LABEL_INSTANCE, LABEL_SERVICE, DockerRuntime, container_name
 from tests.runtimes.docker_helpers import (
     BUSYBOX_IMAGE,
@@ -121,6 +121,54 @@ def test_container_carries_markers_env_ports_volumes_and_no_restart_policy(
         "81/udp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}],
     }
     assert info["State"]["Pid"] == handle.pid
+
+
+# ---------------------------------------------------------------- devices
+def _env_of(info: dict[str, Any]) -> dict[str, str]:
+    return dict(entry.split("=", 1) for entry in info["Config"]["Env"])
+
+
+def test_real_gpus_create_a_container_with_a_device_request_for_the_placement(
+    run_id: str,
+) -> None:
+    # Created, never started: this engine has no NVIDIA runtime to start it with.
+    rt = DockerRuntime(extra_labels=labels_for(run_id), gpu_requests=True)
+    svc = busybox_service(
+        name(), "serve --devices={gpus}", env={"DEVICE": "cuda:{gpu}", "CUDA_VISIBLE_DEVICES": "7"}
+    )
+    placement = Placement(indices=(2, 0), uuids=("GPU-1111", "GPU-2222"))
+    container_id = rt.create(svc, "devices01", placement)
+    try:
+        info = inspect(container_id)
+        [request] = info["HostConfig"]["DeviceRequests"]
+        assert request["DeviceIDs"] == ["GPU-1111", "GPU-2222"]
+        assert request["Capabilities"] == [["gpu"]]
+        assert request["Driver"] == "nvidia"
+        env = _env_of(info)
+        assert env["CUDA_VISIBLE_DEVICES"] == "GPU-1111,GPU-2222"
+        assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert env["DEVICE"] == "cuda:2"
+        assert info["Config"]["Cmd"] == ["sh", "-c", "serve --devices=2,0"]
+        assert info["State"]["Running"] is False
+    finally:
+        docker_cli("rm", "-f", container_id)
+        rt.close()
+
+
+def test_sim_gpu_container_gets_the_cuda_env_and_no_device_request(rt: DockerRuntime) -> None:
+    svc = busybox_service(
+        name(),
+        'echo "seen=$CUDA_VISIBLE_DEVICES/$CUDA_DEVICE_ORDER/$DEVICE"; ' + SLEEP,
+        env={"DEVICE": "{gpus}"},
+    )
+    handle = rt.start(svc, "devices02", Placement(indices=(1, 3)))
+    wait_ready(rt, handle)
+    assert "seen=1,3/PCI_BUS_ID/1,3" in rt.log_tail(handle)
+    assert handle.container_id is not None
+    info = inspect(handle.container_id)
+    assert not info["HostConfig"].get("DeviceRequests")
+    assert _env_of(info)["CUDA_VISIBLE_DEVICES"] == "1,3"
+    rt.stop(handle, 1.0)
 
 
 # ---------------------------------------------------------------- the fake model server
