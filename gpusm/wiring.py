@@ -135,6 +135,9 @@ class RuntimeContext:
     # Added to every service's environment (the deployment marker, the sim GPU's folder).
     env: Mapping[str, str]
     log_dir: Path
+    # ``config.gpu.backend``: with "nvml" the GPUs are real and a container must ask the
+    # engine for its devices; the simulated GPU needs none.
+    gpu_backend: str = "sim"
 
 
 RuntimeFactory = Callable[[RuntimeContext], Runtime]
@@ -157,7 +160,10 @@ def _docker(ctx: RuntimeContext) -> Runtime:
     from gpusm.runtimes.docker import DockerRuntime
 
     return DockerRuntime(
-        extra_env=ctx.env, extra_labels={"gpusm.deployment": ctx.deployment}, kind=ctx.kind
+        extra_env=ctx.env,
+        extra_labels={"gpusm.deployment": ctx.deployment},
+        kind=ctx.kind,
+        gpu_requests=ctx.gpu_backend == "nvml",
     )
 
 
@@ -194,7 +200,8 @@ def open_runtime(
     env = {DEPLOYMENT_ENV: deployment}
     if config.gpu.backend == "sim":
         env["GPUSM_SIM_DIR"] = str(config.sim_dir)
-    return registry[kind](RuntimeContext(kind, deployment, env, config.state_dir / "logs"))
+    logs = config.state_dir / "logs"
+    return registry[kind](RuntimeContext(kind, deployment, env, logs, config.gpu.backend))
 
 
 # ---------------------------------------------------------------- the engine
