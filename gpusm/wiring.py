@@ -14,7 +14,7 @@ Adding a runtime kind is one adapter module and one entry in :data:`RUNTIMES`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from gpusm.config import Config
 from gpusm.engine.coordinator import Coordinator, set_opener
 from gpusm.engine.state import Engine
 from gpusm.errors import ConfigError
-from gpusm.gpu.fake_server import EXIT_OOM, FakeServerOptions, run_fake_server
+from gpusm.gpu.fake_server import EXIT_DEVICE, EXIT_OOM, FakeServerOptions, run_fake_server
 from gpusm.gpu.sim import SimGpu
 from gpusm.health import Health, HttpControl
 from gpusm.lock import StateDirLock
@@ -31,6 +31,7 @@ from gpusm.ports import Clock, EventStore, GpuProbe, Runtime
 
 __all__ = [
     "DEPLOYMENT_ENV",
+    "EXIT_DEVICE",
     "EXIT_OOM",
     "FakeServerOptions",
     "SimGpu",
@@ -44,7 +45,9 @@ __all__ = [
     "open_coordinator",
     "open_runtime",
     "open_sim",
+    "open_sim_devices",
     "open_sim_dir",
+    "open_sims",
     "open_store",
     "run_fake_server",
     "sim_exists",
@@ -90,9 +93,19 @@ def store_revision(config: Config) -> str:
 
 # ---------------------------------------------------------------- GPU
 def open_sim(config: Config) -> SimGpu:
-    """The simulated GPU of ``config`` (created if new), for the demo and ``gpusm sim``."""
+    """Device 0 of the simulated GPUs of ``config`` (all of them opened as by
+    :func:`open_sims`), for the demo and ``gpusm sim``."""
+    return open_sims(config)[0]
+
+
+def open_sims(config: Config) -> list[SimGpu]:
+    """Every simulated device of ``config``, in index order: ``gpu.sim.devices`` of them,
+    created if new, with ``gpu.sim.sizes`` and the reclaim lag applied; devices past that
+    count are removed (refused while a live process holds memory on one)."""
     sim = config.gpu.sim
-    return open_sim_dir(config.sim_dir, sim.sizes[0], sim.reclaim_lag_s, apply=True)
+    return open_sim_devices(
+        config.sim_dir, sim.sizes, sim.reclaim_lag_s, devices=sim.devices, apply=True
+    )
 
 
 def open_sim_dir(
@@ -109,17 +122,32 @@ def open_sim_dir(
     return SimGpu(directory, total_mib, reclaim_lag_s)
 
 
+def open_sim_devices(
+    directory: Path,
+    total_mib: int | Sequence[int] | None = None,
+    reclaim_lag_s: float | None = None,
+    *,
+    devices: int | None = None,
+    apply: bool = False,
+) -> list[SimGpu]:
+    """Every device of the simulated GPU in ``directory`` (see :meth:`SimGpu.open_all`):
+    ``devices`` of them (default: as many as ``total_mib`` lists, else as exist), missing
+    ones created with ``total_mib`` (one size, or one per device); ``apply`` makes the
+    sizes and lag take effect on existing ones too and removes devices past ``devices``."""
+    return SimGpu.open_all(directory, total_mib, reclaim_lag_s, devices=devices, apply=apply)
+
+
 def sim_exists(directory: Path) -> bool:
     """Whether a simulated GPU was created in ``directory``."""
     return SimGpu.exists(directory)
 
 
 def build_probe(config: Config) -> GpuProbe:
-    """The GPU probe the config names (NVML, or the simulated GPU, created if new)."""
+    """The GPU probe the config names (NVML, or the simulated GPUs, created if new)."""
     if config.gpu.backend == "sim":
         from gpusm.gpu.sim import SimProbe
 
-        return SimProbe(open_sim(config))
+        return SimProbe(open_sims(config))
     from gpusm.gpu.nvml import NvmlProbe
 
     return NvmlProbe()

@@ -23,6 +23,10 @@ can be exercised without the real servers:
 * llama.cpp router: ``POST /models/unload`` / ``POST /models/load`` ``{"model": M}`` park /
   wake and answer ``{"success": true}``; ``GET /models`` lists the model. Another model: 404.
 
+A server that spans several simulated devices (``CUDA_VISIBLE_DEVICES`` names more
+than one) holds the same memory on each; a park frees it on each, a wake takes it back on
+each (all or nothing: a wake refused on one device gives back what it took on the others).
+
 Parking and waking are synchronous (the answer comes when the memory has moved) except
 for ComfyUI's, idempotent (200 when already parked/awake), serialized (a wake asked while
 parking waits for the park to finish, and the other way round), and answered 503 while
@@ -36,7 +40,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gpusm.errors import SimOutOfMemory
@@ -45,7 +49,16 @@ from gpusm.gpu.sim import SimGpu
 if TYPE_CHECKING:
     from gpusm.gpu.fake_server import FakeServerOptions
 
-__all__ = ["GET_ROUTES", "POST_ROUTES", "SERVING", "NotServing", "Parkable", "ParkRoutes"]
+__all__ = [
+    "GET_ROUTES",
+    "POST_ROUTES",
+    "SERVING",
+    "NotServing",
+    "Parkable",
+    "ParkRoutes",
+    "allocate_each",
+    "release_each",
+]
 
 # States in which the process is alive and serving: /health answers 200.
 SERVING = ("ready", "parking", "parked", "waking")
@@ -79,7 +92,26 @@ class NotServing(Exception):
     """A park or wake asked while loading or stopping; answered 503."""
 
 
-def park(server: Parkable, sim: SimGpu, how: str, delay_s: float = 0.0) -> None:
+def allocate_each(sims: Sequence[SimGpu], mib: int) -> None:
+    """Allocate ``mib`` MiB on every device, or on none: SimOutOfMemory gives back the rest."""
+    taken: list[SimGpu] = []
+    try:
+        for sim in sims:
+            sim.allocate(mib)
+            taken.append(sim)
+    except SimOutOfMemory:
+        for sim in taken:
+            sim.release(mib)
+        raise
+
+
+def release_each(sims: Sequence[SimGpu], mib: int) -> None:
+    """Free ``mib`` MiB on every device."""
+    for sim in sims:
+        sim.release(mib)
+
+
+def park(server: Parkable, sims: Sequence[SimGpu], how: str, delay_s: float = 0.0) -> None:
     """Free the model memory down to residual + leak; no-op when already parked."""
     with server.transition:
         if server.state == "parked":
@@ -94,13 +126,13 @@ def park(server: Parkable, sim: SimGpu, how: str, delay_s: float = 0.0) -> None:
         server.model_mib = server.held_mib
         keep = min(server.held_mib, opts.residual_mib + opts.leak_mib)
         if server.held_mib > keep:
-            sim.release(server.held_mib - keep)
+            release_each(sims, server.held_mib - keep)
         server.held_mib = keep
         server.state = "parked"
-        _say(f"parked ({how}): holding {keep} MiB of {server.model_mib} MiB")
+        _say(f"parked ({how}): holding {keep} MiB of {server.model_mib} MiB{_each(sims)}")
 
 
-def wake(server: Parkable, sim: SimGpu, how: str) -> None:
+def wake(server: Parkable, sims: Sequence[SimGpu], how: str) -> None:
     """Allocate the model memory again after ``wake_s``; no-op when already awake.
 
     Raises SimOutOfMemory (the server stays parked) or NotServing.
@@ -116,14 +148,18 @@ def wake(server: Parkable, sim: SimGpu, how: str) -> None:
         missing = server.model_mib - server.held_mib
         try:
             if missing > 0:
-                sim.allocate(missing)
+                allocate_each(sims, missing)
         except SimOutOfMemory as exc:
             server.state = "parked"
             _say(f"wake failed ({how}): out of memory: {exc}")
             raise
         server.held_mib = server.model_mib
         server.state = "ready"
-        _say(f"awake ({how}): holding {server.held_mib} MiB")
+        _say(f"awake ({how}): holding {server.held_mib} MiB{_each(sims)}")
+
+
+def _each(sims: Sequence[SimGpu]) -> str:
+    return "" if len(sims) == 1 else f" on each of devices {', '.join(str(s.index) for s in sims)}"
 
 
 def _say(message: str) -> None:
@@ -170,7 +206,8 @@ class ParkRoutes:
     """
 
     fake: Parkable
-    sim: SimGpu
+    # The devices the server holds memory on (CUDA_VISIBLE_DEVICES), the same on each.
+    sims: Sequence[SimGpu]
 
     def reply(self, status: int, doc: Any = None) -> None:
         raise NotImplementedError  # the handler's
@@ -183,10 +220,10 @@ class ParkRoutes:
         return self.fake.state in ("ready", "parking")
 
     def park(self, how: str) -> None:
-        park(self.fake, self.sim, how)
+        park(self.fake, self.sims, how)
 
     def wake(self, how: str) -> None:
-        wake(self.fake, self.sim, how)
+        wake(self.fake, self.sims, how)
 
     # -------------------------------------------------------------- GET
     def vllm_is_sleeping(self) -> None:
@@ -194,7 +231,7 @@ class ParkRoutes:
 
     def ollama_ps(self) -> None:
         model = self.fake.options.model
-        size = self.fake.held_mib * 1024 * 1024
+        size = self.fake.held_mib * len(self.sims) * 1024 * 1024
         entry = {"name": model, "model": model, "size": size, "size_vram": size}
         self.reply(200, {"models": [entry] if self.loaded() else []})
 
@@ -264,7 +301,7 @@ class ParkRoutes:
             if self.fake.state not in SERVING:
                 raise NotServing(self.fake.state)
             delay = self.fake.options.async_free_s
-            _in_background(park, self.fake, self.sim, "comfyui free", delay)
+            _in_background(park, self.fake, self.sims, "comfyui free", delay)
         self.reply(200)
 
     def comfyui_prompt(self, query: Query, body: dict[str, Any]) -> None:
@@ -273,7 +310,7 @@ class ParkRoutes:
         with self.fake.counter:
             self.fake.prompts += 1
             number = self.fake.prompts
-        _in_background(wake, self.fake, self.sim, "comfyui prompt")
+        _in_background(wake, self.fake, self.sims, "comfyui prompt")
         self.reply(200, {"prompt_id": str(uuid.uuid4()), "number": number, "node_errors": {}})
 
     # -------------------------------------------------------------- llama.cpp

@@ -12,8 +12,13 @@ Once ready it can also be *parked* (its model memory freed down to ``residual_mi
 shapes of vLLM, SGLang, Ollama, ComfyUI and llama.cpp's router; :mod:`gpusm.gpu.fake_park`
 lists them. ``/health`` stays 200 while parked or waking.
 
+It holds its memory on the simulated devices that ``CUDA_VISIBLE_DEVICES`` names (a
+comma-separated list of device indices or UUIDs, as gpusm sets it; unset or blank:
+device 0), ``vram_mib`` on each of them; ``/info`` lists them under ``devices``.
+
 Exit codes: 0 after a SIGTERM/SIGINT stop, 1 for ``crash_after``, 3 for a simulated
-OOM, 4 when the port cannot be bound.
+OOM, 4 when the port cannot be bound, 5 when ``CUDA_VISIBLE_DEVICES`` names a device the
+simulated GPU does not have (or one twice).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,11 +38,19 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from gpusm.errors import SimOutOfMemory
-from gpusm.gpu.fake_park import GET_ROUTES, POST_ROUTES, SERVING, NotServing, ParkRoutes
-from gpusm.gpu.sim import SimGpu
+from gpusm.gpu.fake_park import (
+    GET_ROUTES,
+    POST_ROUTES,
+    SERVING,
+    NotServing,
+    ParkRoutes,
+    allocate_each,
+)
+from gpusm.gpu.sim import SimGpu, UnknownSimDevice, select_devices
 
 __all__ = [
     "EXIT_CRASHED",
+    "EXIT_DEVICE",
     "EXIT_OOM",
     "EXIT_PORT",
     "EXIT_STOPPED",
@@ -48,6 +62,7 @@ EXIT_STOPPED = 0
 EXIT_CRASHED = 1
 EXIT_OOM = 3
 EXIT_PORT = 4
+EXIT_DEVICE = 5
 
 # Loading allocates in this many chunks, so a watcher sees usage grow before ready.
 _CHUNKS = 4
@@ -73,13 +88,16 @@ class FakeServerOptions:
     leak_mib: int = 0
     async_free_s: float = 0.0
     model: str = "fake-model"
+    # The CUDA_VISIBLE_DEVICES value: device indices or UUIDs, comma-separated; None: 0.
+    visible_devices: str | None = None
 
 
 class _Server:
     """The running server's state, shared by the main thread and the HTTP threads."""
 
-    def __init__(self, options: FakeServerOptions) -> None:
+    def __init__(self, options: FakeServerOptions, sims: Sequence[SimGpu]) -> None:
         self.options = options
+        self.sims = list(sims)
         self.state = "loading"
         self.held_mib = 0
         self.started = time.time()
@@ -97,7 +115,11 @@ class _Server:
         return {
             "state": self.state,
             "pid": os.getpid(),
-            "vram_mib": self.held_mib,
+            "vram_mib": self.held_mib,  # on each device
+            "devices": [
+                {"index": sim.index, "uuid": sim.uuid, "vram_mib": self.held_mib}
+                for sim in self.sims
+            ],
             "parked": self.state in ("parked", "waking"),
             "model": self.options.model,
             "uptime_s": round(time.time() - self.started, 3),
@@ -122,7 +144,7 @@ class _Handler(ParkRoutes, BaseHTTPRequestHandler):
     """HTTP for one server; :func:`_handler` makes a subclass bound to it."""
 
     fake: _Server
-    sim: SimGpu
+    sims: Sequence[SimGpu]
 
     def reply(self, status: int, doc: Any = None) -> None:
         body = b"" if doc is None else json.dumps(doc).encode()
@@ -168,8 +190,8 @@ class _Handler(ParkRoutes, BaseHTTPRequestHandler):
             self.reply(503, {"error": f"out of memory: {exc}"})
 
 
-def _handler(server: _Server, sim: SimGpu) -> type[BaseHTTPRequestHandler]:
-    return type("Handler", (_Handler,), {"fake": server, "sim": sim})
+def _handler(server: _Server) -> type[BaseHTTPRequestHandler]:
+    return type("Handler", (_Handler,), {"fake": server, "sims": server.sims})
 
 
 def _install_signals(server: _Server) -> None:
@@ -180,17 +202,26 @@ def _install_signals(server: _Server) -> None:
     signal.signal(signal.SIGINT, on_stop)
 
 
-def _allocate(server: _Server, sim: SimGpu, mib: int) -> None:
-    sim.allocate(mib)
+def _allocate(server: _Server, mib: int) -> None:
+    allocate_each(server.sims, mib)
     server.held_mib += mib
 
 
-def run_fake_server(options: FakeServerOptions, sim: SimGpu) -> int:
-    """Serve until stopped, crashed or out of memory; returns the process exit code."""
-    server = _Server(options)
+def run_fake_server(options: FakeServerOptions, sim: SimGpu | Sequence[SimGpu]) -> int:
+    """Serve until stopped, crashed or out of memory; returns the process exit code.
+
+    ``sim`` is the simulated device, or every device of the sim; the server holds memory
+    on those ``options.visible_devices`` names (device 0 when None).
+    """
+    try:
+        sims = select_devices(sim, options.visible_devices)
+    except UnknownSimDevice as exc:
+        print(f"fake server pid {os.getpid()}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_DEVICE
+    server = _Server(options, sims)
     _install_signals(server)
     try:
-        httpd = ThreadingHTTPServer((options.host, options.port), _handler(server, sim))
+        httpd = ThreadingHTTPServer((options.host, options.port), _handler(server))
     except OSError as exc:
         server.log(f"cannot listen on {options.host}:{options.port}: {exc.strerror}")
         return EXIT_PORT
@@ -199,17 +230,18 @@ def run_fake_server(options: FakeServerOptions, sim: SimGpu) -> int:
     thread.daemon = True
     thread.start()
     try:
-        return _lifecycle(server, sim)
+        return _lifecycle(server)
     finally:
         httpd.shutdown()
         httpd.server_close()
 
 
-def _lifecycle(server: _Server, sim: SimGpu) -> int:
+def _lifecycle(server: _Server) -> int:
     options = server.options
+    where = ", ".join(f"{sim.index} ({sim.uuid})" for sim in server.sims)
     server.log(
         f"listening on {options.host}:{options.port}; loading {options.vram_mib} MiB "
-        f"over {options.load_s}s"
+        f"over {options.load_s}s on device(s) {where}"
     )
     chunks = _split(options.vram_mib, _CHUNKS)
     try:
@@ -217,12 +249,12 @@ def _lifecycle(server: _Server, sim: SimGpu) -> int:
             if server.wait(options.load_s / max(len(chunks), 1)):
                 return _stop(server)
             if chunk:
-                _allocate(server, sim, chunk)
+                _allocate(server, chunk)
         with server.transition:  # no park before growing is done
             server.state = "ready"
             server.log(f"ready, holding {server.held_mib} MiB")
             if options.grow_mib > 0:
-                _allocate(server, sim, options.grow_mib)
+                _allocate(server, options.grow_mib)
                 server.log(f"grew to {server.held_mib} MiB")
             server.model_mib = server.held_mib
     except SimOutOfMemory as exc:
