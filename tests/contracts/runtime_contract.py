@@ -43,7 +43,7 @@ import pytest
 from gpusm import procs
 from gpusm.config import ServiceConfig
 from gpusm.errors import GpusmError, ServiceRuntimeError, ServiceStartFailed
-from gpusm.ports import Handle, Runtime
+from gpusm.ports import Handle, Placement, Runtime
 from tests.support import eventually
 
 __all__ = ["RuntimeContract"]
@@ -130,10 +130,17 @@ class RuntimeContract(abc.ABC):
             with contextlib.suppress(GpusmError):
                 owner.stop(handle, 0.1)
 
-    def start(self, runtime: Runtime, service: ServiceConfig, *, ready: bool = True) -> Handle:
+    def start(
+        self,
+        runtime: Runtime,
+        service: ServiceConfig,
+        *,
+        ready: bool = True,
+        placement: Placement | None = None,
+    ) -> Handle:
         """Start ``service`` under a unique instance id and remember it for cleanup."""
         instance = f"ct-{uuid.uuid4().hex[:16]}"
-        handle = runtime.start(service, instance)
+        handle = runtime.start(service, instance, placement)
         self._started.append((runtime, handle))
         if ready:
             self.wait_until_ready(runtime, handle, service)
@@ -163,6 +170,18 @@ class RuntimeContract(abc.ABC):
         assert handle.instance.startswith("ct-")
         assert handle.pid is not None or handle.container_id is not None
         assert runtime.is_alive(handle)
+
+    def test_instance_placed_on_several_devices_runs_and_stops(self, runtime: Runtime) -> None:
+        # Whatever the devices are (none here are real), a placement only shapes the
+        # instance's environment and device request: it starts, runs and stops as usual.
+        placement = Placement(indices=(1, 0), uuids=("GPU-contract-1", "GPU-contract-0"))
+        service = self.sleeping_service(runtime, self.name())
+        handle = self.start(runtime, service, placement=placement)
+        assert runtime.is_alive(handle)
+        assert runtime.pids_of(handle)
+        result = runtime.stop(handle, self.grace_s)
+        assert (result.escalated, result.already_dead) == (False, False)
+        assert not runtime.is_alive(handle)
 
     def test_pids_of_a_live_instance_include_its_top_pid(self, runtime: Runtime) -> None:
         handle = self.start(runtime, self.sleeping_service(runtime, self.name()))
