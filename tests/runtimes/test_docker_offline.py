@@ -11,10 +11,11 @@ from pathlib import Path
 import docker
 import pytest
 
-from gpusm.config import DockerServiceConfig, HealthConfig, NativeServiceConfig
+from gpusm.config import DockerServiceConfig, HealthConfig, NativeServiceConfig, parse_config
 from gpusm.errors import ServiceRuntimeError, ServiceStartFailed, ServiceStopFailed
 from gpusm.ports import Handle, Placement
 from gpusm.runtimes.docker import DockerRuntime, container_name
+from gpusm.wiring import open_runtime
 from tests.runtimes.docker_helpers import busybox_service, free_tcp_port
 
 SLEEP = "sleep 1000"
@@ -216,3 +217,13 @@ def test_unreachable_tcp_engine_from_docker_host_is_named_in_the_error(
     monkeypatch.setenv("DOCKER_HOST", host)
     with pytest.raises(ServiceRuntimeError, match=f"engine at {host}; start dockerd"):
         DockerRuntime().find_orphans()
+
+
+@pytest.mark.parametrize(("backend", "requests"), [("nvml", True), ("sim", False)])
+def test_wiring_asks_for_devices_only_with_real_gpus(
+    tmp_path: Path, backend: str, requests: bool
+) -> None:
+    config = parse_config({"state_dir": str(tmp_path), "gpu": {"backend": backend}})
+    runtime = open_runtime(config, "docker")
+    assert isinstance(runtime, DockerRuntime)
+    assert runtime.gpu_requests is requests
