@@ -242,7 +242,9 @@ def _status_many(docs: list[dict[str, Any]]) -> None:
         f"simulated GPU at {docs[0]['dir']}: {len(docs)} devices "
         f"(reclaim lag {docs[0]['reclaim_lag_s']}s)"
     )
-    table = Table("device", "uuid", "total MiB", "used MiB", "free MiB")
+    for doc in docs:  # a UUID is too wide for the table
+        say(f"  device {doc['index']}: uuid {doc['uuid']}")
+    table = Table("device", "total MiB", "used MiB", "free MiB")
     table.add_column("holders (pid: MiB)", overflow="fold")
     table.add_column("OOMs")
     for doc in docs:
@@ -252,7 +254,6 @@ def _status_many(docs: list[dict[str, Any]]) -> None:
         )
         table.add_row(
             str(doc["index"]),
-            doc["uuid"],
             str(doc["total_mib"]),
             str(doc["used_mib"]),
             str(doc["free_mib"]),

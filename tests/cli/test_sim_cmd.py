@@ -27,6 +27,7 @@ def no_ambient_sim(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Nothing from the developer's shell or folder may choose the sim GPU."""
     monkeypatch.delenv("GPUSM_SIM_DIR", raising=False)
     monkeypatch.delenv("GPUSM_CONFIG", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.chdir(tmp_path)
 
 
@@ -235,3 +236,104 @@ def test_service_that_does_not_fit_exits_3_with_the_oom_recorded(tmp_path: Path)
     code, out = invoke("sim", "service", "--sim-dir", "g", "--vram-mib", "400", "--port", port)
     assert code == 3, out
     assert sim.ooms()[0]["requested_mib"] == 100  # the first of four 100 MiB chunks fits
+
+
+# ---------------------------------------------------------------- several devices
+def test_create_several_devices_of_one_size_then_of_their_own_sizes(tmp_path: Path) -> None:
+    code, out = invoke("sim", "create", "--sim-dir", "g", "--devices", "2", "--total-mib", "2048")
+    assert code == 0, out
+    assert "2 devices" in out
+    dev0, dev1 = SimGpu.open_all(tmp_path / "g")
+    assert (dev0.total_mib, dev1.total_mib) == (2048, 2048)
+    assert f"device 1: 2048 MiB, uuid {dev1.uuid}" in out
+    code, out = invoke("sim", "create", "--sim-dir", "g", "--total-mib", "2048,1024")
+    assert code == 0, out
+    assert [d.total_mib for d in SimGpu.open_all(tmp_path / "g")] == [2048, 1024]
+    assert SimGpu.open_all(tmp_path / "g")[1].uuid == dev1.uuid
+    code, out = invoke("sim", "create", "--sim-dir", "g", "--devices", "1")
+    assert code == 0, out
+    assert SimGpu.count(tmp_path / "g") == 1
+    assert "uuid " + dev0.uuid in out
+
+
+def test_create_refuses_sizes_that_do_not_match_the_devices() -> None:
+    code, out = invoke("sim", "create", "--sim-dir", "g", "--devices", "3", "--total-mib", "1,2")
+    assert code == 2
+    assert "one per device" in out
+    code, _ = invoke("sim", "create", "--sim-dir", "g", "--total-mib", "10,x")
+    assert code == 2
+
+
+def test_config_names_the_devices_and_their_sizes(tmp_path: Path) -> None:
+    (tmp_path / "gpusm.yaml").write_text(
+        "state_dir: ./state\ngpu: {backend: sim, sim: {devices: 2, total_mib: [3000, 1000]}}\n"
+    )
+    code, out = invoke("sim", "status", "--json")
+    assert code == 0, out
+    assert [(d["index"], d["total_mib"]) for d in json.loads(out)] == [(0, 3000), (1, 1000)]
+
+
+def test_status_shows_one_row_per_device_and_json_a_list(tmp_path: Path) -> None:
+    dev0, dev1 = SimGpu.open_all(tmp_path / "g", [1000, 500], reclaim_lag_s=60)
+    dev1.allocate(200)
+    with pytest.raises(SimOutOfMemory):
+        dev1.allocate(400)
+    code, out = invoke("sim", "status", "--sim-dir", "g")
+    assert code == 0, out
+    assert "2 devices" in out
+    assert f"device 0: uuid {dev0.uuid}" in out
+    assert f"device 1: uuid {dev1.uuid}" in out
+    assert f"{os.getpid()}: 200" in out
+    [oom] = [line for line in out.splitlines() if "asked 400 MiB, 300 MiB free" in line]
+    assert oom.strip().startswith("device 1: ")
+    docs = json.loads(invoke("sim", "status", "--json", "--sim-dir", "g")[1])
+    assert [
+        (d["index"], d["uuid"], d["used_mib"], d["free_mib"], d["oom_count"]) for d in docs
+    ] == [
+        (0, dev0.uuid, 0, 1000, 0),
+        (1, dev1.uuid, 200, 300, 1),
+    ]
+    assert docs[1]["processes"][0]["pid"] == os.getpid()
+    dev1.release()
+
+
+def test_reset_covers_every_device_and_refuses_while_one_has_a_live_holder(
+    tmp_path: Path,
+) -> None:
+    dev0, dev1 = SimGpu.open_all(tmp_path / "g", [100, 100])
+    with pytest.raises(SimOutOfMemory):
+        dev0.allocate(101)
+    dev1.allocate(10)
+    code, out = invoke("sim", "reset", "--sim-dir", "g")
+    assert code == 1
+    assert "device 1" in out
+    assert "--force" in out
+    assert len(dev0.ooms()) == 1  # all or nothing
+    code, out = invoke("sim", "reset", "--sim-dir", "g", "--force")
+    assert code == 0, out
+    assert "dropped 1 allocation(s) and 1 OOM record(s) on 2 devices" in out
+    assert (dev0.ooms(), dev1.holders()) == ([], {})
+
+
+def test_hog_holds_on_the_device_it_is_given(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    dev0, dev1 = SimGpu.open_all(tmp_path / "g", 1000, devices=2, reclaim_lag_s=0)
+    hog = subprocess.Popen(
+        gpusm("sim", "hog", "--mib", "700", "--device", "1", "--sim-dir", str(tmp_path / "g")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    procs.append(hog)
+    eventually(lambda: dev1.holders() == {hog.pid: 700}, 20, "the hog to hold on device 1")
+    assert dev0.snapshot().used_mib == 0
+    hog.send_signal(signal.SIGTERM)
+    assert hog.wait(timeout=15) == 0
+
+
+def test_hog_on_a_missing_device_is_exit_2(tmp_path: Path) -> None:
+    SimGpu.open_all(tmp_path / "g", 1000, devices=2)
+    code, out = invoke("sim", "hog", "--mib", "1", "--device", "2", "--sim-dir", "g")
+    assert code == 2
+    assert "no such simulated device" in out
