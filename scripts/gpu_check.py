@@ -4,15 +4,17 @@
 What it proves, on device ``--device``:
 
 1. attribution: three child processes each allocate a known amount of real GPU memory
-   (torch.cuda, else cupy); NvmlProbe must attribute to each child's pid its request plus
-   one CUDA context (measured with a child that allocates nothing), within ±64 MiB;
+   (torch.cuda, else cupy, else libcuda through ctypes: gpu_check/cudamem.py); NvmlProbe
+   must attribute to each child's pid its request plus one CUDA context (measured with a
+   child that allocates nothing), within ±64 MiB;
 2. reclaim: after SIGTERM, the memory must show as free through NvmlProbe within 5 s;
 3. latency: p50/p99 of ``NvmlProbe.snapshot()`` (memory info + both process lists) over
    ``--calls`` calls, with the children still holding memory.
 
 It prints a JSON report, writes it to ``$OUT/gpu_check.json`` when ``OUT`` is set, and
-exits 0 if every check passed, 1 if one failed, 2 if it could not run (no NVML, no torch
-or cupy). Needs only nvidia-ml-py and torch or cupy; gpusm is imported from this repo.
+exits 0 if every check passed, 1 if one failed, 2 if it could not run (no NVML, no way to
+allocate). gpusm is imported from this repo, its dependencies from the environment:
+``scripts/gpu_check/run.py`` runs this with the offline wheel bundle on the path.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts" / "gpu_check"))
+
+from cudamem import NoBackend, OutOfMemory, allocate  # noqa: E402
 
 from gpusm.errors import GpuProbeError  # noqa: E402 - after the sys.path insert
 from gpusm.gpu.nvml import NvmlProbe  # noqa: E402
@@ -39,27 +44,15 @@ MIB = 1024 * 1024
 
 
 # ---------------------------------------------------------------- child side
-def child(mib: int, device: int) -> int:
+def child(mib: int, device: int, backend: str) -> int:
     """Allocate ``mib`` MiB on ``device`` (0: only a CUDA context), say so, hold until killed."""
     try:
-        import torch  # type: ignore[import-not-found,unused-ignore]
-
-        torch.cuda.set_device(device)
-        # At least one byte, so that the context-only child launches the same fill kernel.
-        block = torch.ones(max(mib * MIB, 1), dtype=torch.uint8, device=f"cuda:{device}")
-        torch.cuda.synchronize()
-        backend = "torch"
-    except ImportError:
-        try:
-            import cupy  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            print("error: neither torch nor cupy can be imported", flush=True)
-            return 2
-        cupy.cuda.Device(device).use()
-        block = cupy.ones(max(mib * MIB, 1), dtype=cupy.uint8)
-        cupy.cuda.Device(device).synchronize()
-        backend = "cupy"
-    print(json.dumps({"ready": os.getpid(), "backend": backend, "bytes": block.nbytes}), flush=True)
+        block = allocate(mib, device, backend)
+    except (NoBackend, OutOfMemory) as exc:
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return 2
+    ready = {"ready": os.getpid(), "backend": block.backend, "bytes": block.nbytes}
+    print(json.dumps(ready), flush=True)
     sys.stdin.read()  # hold until the parent kills us or closes the pipe
     return 0
 
@@ -68,14 +61,18 @@ def child(mib: int, device: int) -> int:
 class Children:
     """The allocating children; every one is killed on exit, whatever happens."""
 
-    def __init__(self, device: int) -> None:
+    def __init__(self, device: int, backend: str) -> None:
         self.device = device
+        self.backend = backend
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, mib: int) -> subprocess.Popen[str]:
         env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID")  # CUDA index = NVML index
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", str(mib), "--device", str(self.device)],
+            [
+                *(sys.executable, __file__, "--child", str(mib)),
+                *("--device", str(self.device), "--backend", self.backend),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -126,7 +123,7 @@ def measure_latency(probe: NvmlProbe, device: int, calls: int) -> dict[str, floa
 def run(args: argparse.Namespace) -> dict[str, Any]:
     probe = NvmlProbe()
     report: dict[str, Any] = {"device": args.device, "checks": {}}
-    children = Children(args.device)
+    children = Children(args.device, args.backend)
     try:
         before = probe.snapshot(args.device)
         report["gpu"] = {"name": before.name, "uuid": before.uuid, "total_mib": before.total_mib}
@@ -204,10 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance-mib", type=int, default=64)
     parser.add_argument("--reclaim-limit-s", type=float, default=5.0)
     parser.add_argument("--child-timeout-s", type=float, default=180.0)
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "cupy", "cuda"],
+        help="How children allocate (auto: torch, else cupy, else libcuda through ctypes).",
+    )
     parser.add_argument("--child", type=int, metavar="MIB", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        return child(args.child, args.device)
+        return child(args.child, args.device, args.backend)
     try:
         report = run(args)
         code = 0 if report["ok"] else 1
