@@ -10,6 +10,12 @@ import pytest
 from tests.gpu.sim_helpers import Spawner
 
 
+@pytest.fixture(autouse=True)
+def no_ambient_cuda_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA_VISIBLE_DEVICES from the shell must not choose the fake servers' sim devices."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
 @pytest.fixture
 def spawner() -> Iterator[Spawner]:
     """Starts helper processes; every one still alive is killed and reaped at teardown."""
