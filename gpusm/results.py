@@ -60,6 +60,8 @@ class ServiceStatus:
     # What it keeps while parked (None: it cannot park); reservation_mib is this while
     # it is parked.
     residual_mib: int | None = None
+    # Every device its instance is (or last was) placed on; ``gpu`` is the first.
+    devices: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

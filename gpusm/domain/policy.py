@@ -48,7 +48,7 @@ make room it stops nothing and its reason names the protected services.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from gpusm.domain.pipeline import (
@@ -197,7 +197,9 @@ class Plan:
     is stopped for nothing) and ``blocked_by`` names the running services the policy may
     not stop because a client at an equal or higher priority uses them (for a prefetch:
     any client). ``protected`` names the idle services that a prefetch's limits kept
-    from being victims when it had to make room.
+    from being victims when it had to make room. ``devices`` says where each service of
+    the request runs (or would run), and ``placement`` why each device was or was not
+    chosen (filled in by the caller, which plans per device).
     """
 
     fits: bool
@@ -211,6 +213,8 @@ class Plan:
     reason: str
     foreign_mib: int = 0
     protected: tuple[str, ...] = ()
+    devices: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    placement: tuple[str, ...] = ()
 
     def insufficient(self) -> InsufficientVram:
         """The error to raise when a request that does not fit runs out of time."""
@@ -590,14 +594,22 @@ def merge_plans(plans: Sequence[Plan]) -> Plan:
     if failing:
         return failing[0]
     first = plans[0]
+    # A service spanning several devices is in several plans: name it once.
     return replace(
         first,
         need_mib=sum(p.need_mib for p in plans),
-        to_start=tuple(n for p in plans for n in p.to_start),
-        already_running=tuple(n for p in plans for n in p.already_running),
-        victims=tuple(v for p in plans for v in p.victims),
+        to_start=tuple(dict.fromkeys(n for p in plans for n in p.to_start)),
+        already_running=tuple(dict.fromkeys(n for p in plans for n in p.already_running)),
+        victims=_first_of_each(v for p in plans for v in p.victims),
         reason="; ".join(p.reason for p in plans),
     )
+
+
+def _first_of_each(victims: Iterable[Victim]) -> tuple[Victim, ...]:
+    seen: dict[str, Victim] = {}
+    for victim in victims:
+        seen.setdefault(victim.name, victim)
+    return tuple(seen.values())
 
 
 def drains_suffice(

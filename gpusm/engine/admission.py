@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from gpusm.crashpoints import crash_point
 from gpusm.domain import events as ev
-from gpusm.domain import policy
+from gpusm.domain import placement, policy
 from gpusm.domain.pipeline import PrefetchLimits, next_uses
-from gpusm.domain.states import RUNNING_STATES, State
+from gpusm.domain.states import ACTIVE_STATES, RUNNING_STATES, State
 from gpusm.engine.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
 from gpusm.engine.parking import begin_park, begin_wake, finish_park, run_wake
 from gpusm.engine.state import Engine
@@ -140,7 +140,7 @@ class Admission:
             self._wanted.pop(ticket, None)
             if req.stops:
                 crash_point("mid_preemption")
-            self._start_all(plan.to_start, req)
+            self._start_all(plan.to_start, req, plan.devices)
             req.started += plan.to_start
             return req.prefetch  # a prefetch never waits for health
         return self._make_room(req, ticket, plan, startable)
@@ -160,7 +160,7 @@ class Admission:
                 self._drain_victims(plan, req)
         else:
             req.last_plan = plan
-            if plan.need_mib > self._ceiling(startable):
+            if self._never_fits(startable):
                 raise plan.insufficient()  # no amount of waiting helps
         if not req.prefetch:
             # Hold our place until we start: the room being freed is ours.
@@ -210,28 +210,69 @@ class Admission:
     ) -> policy.Plan:
         """The policy's plan for starting ``names``, one device at a time, merged.
 
-        With ``phase`` in the pipeline, idle victims go by their next use (farthest
-        first) and load cost; ``limits`` are a prefetch's (see ``PrefetchLimits``).
+        A service already on a device (running, parked, draining) stays there; one to
+        start is placed first (:func:`gpusm.domain.placement.choose`, biggest first,
+        each planned beside those placed before it). With ``phase`` in the pipeline,
+        idle victims go by their next use (farthest first) and load cost; ``limits`` are
+        a prefetch's (see ``PrefetchLimits``).
         """
         engine = self.engine
-        uses = self.next_uses(phase)
-        plans = []
-        for device in sorted({engine.slots[n].config.gpu for n in names}):
-            gpu, _, _ = engine.gpu_view(device)
-            on_device = [n for n in names if engine.slots[n].config.gpu == device]
-            plans.append(
-                policy.plan_admission(
-                    on_device,
-                    engine.views(device, uses),
-                    engine.other_leases(client),
-                    gpu,
-                    prio,
-                    requester,
-                    pipeline=bool(uses),
-                    prefetch=limits,
-                )
-            )
-        return policy.merge_plans(plans)
+        plan_on = partial(
+            self._plan_on, client=client, prio=prio, requester=requester,
+            uses=self.next_uses(phase), limits=limits,
+        )  # fmt: skip
+        placed: dict[str, tuple[int, ...]] = {
+            n: engine.slots[n].placed for n in names if engine.slots[n].state in ACTIVE_STATES
+        }
+        notes: list[str] = []
+        for n in sorted((n for n in names if n not in placed), key=self._size_first):
+            slot = engine.slots[n]
+            allowed = engine.allowed(slot)
+            count = slot.config.gpu_count
+            if len(allowed) == count:
+                placed[n] = tuple(allowed)  # nothing to choose
+                continue
+            plans = {d: plan_on(d, [*_on(placed, d), n]) for d in allowed}
+            choice = placement.choose(n, count, plans, engine.config.gpu.placement)
+            notes += choice.notes
+            # None fits: plan where it comes closest, so the refusal names that device.
+            closest = sorted(plans, key=lambda d: (-plans[d].free_after_mib, d))[:count]
+            placed[n] = choice.devices or tuple(sorted(closest))
+        devices = sorted({d for ds in placed.values() for d in ds})
+        merged = policy.merge_plans([plan_on(d, _on(placed, d)) for d in devices])
+        return replace(merged, devices=placed, placement=tuple(notes))
+
+    def _plan_on(
+        self,
+        device: int,
+        names: Sequence[str],
+        *,
+        client: str | None,
+        prio: int,
+        requester: str,
+        uses: dict[str, int],
+        limits: PrefetchLimits | None,
+    ) -> policy.Plan:
+        engine = self.engine
+        gpu, _, _ = engine.gpu_view(device)
+        views = engine.views(device, uses)
+        for n in names:
+            if n not in views:  # placed here for this plan, though not allowed or active
+                views[n] = engine.views(None, uses)[n]
+        return policy.plan_admission(
+            names,
+            views,
+            engine.other_leases(client),
+            gpu,
+            prio,
+            requester,
+            pipeline=bool(uses),
+            prefetch=limits,
+        )
+
+    def _size_first(self, name: str) -> tuple[int, str]:
+        slot = self.engine.slots[name]
+        return -slot.reservation * slot.config.gpu_count, name
 
     def next_uses(self, phase: str | None) -> dict[str, int]:
         """Service -> phases until the pipeline needs it after ``phase`` ({} if unknown)."""
@@ -244,17 +285,25 @@ class Admission:
     def _drains_suffice(self, plan: policy.Plan) -> bool:
         """Whether the services already draining free enough for ``plan`` on their own."""
         engine = self.engine
-        for device in sorted({engine.slots[n].config.gpu for n in plan.to_start}):
+        for device in sorted({d for n in plan.to_start for d in plan.devices.get(n, ())}):
             gpu, _, _ = engine.gpu_view(device)
-            if not policy.drains_suffice(plan.to_start, engine.views(device), gpu):
+            on_device = [n for n in plan.to_start if device in plan.devices.get(n, ())]
+            if not policy.drains_suffice(on_device, engine.views(device), gpu):
                 return False
         return True
 
-    def _ceiling(self, names: Sequence[str]) -> int:
-        # Only the device's size matters here: no need to attribute its processes.
+    def _never_fits(self, names: Sequence[str]) -> bool:
+        """Whether a service is bigger than every device it may use can ever offer."""
+        # Only the devices' sizes matter here: no need to attribute their processes.
         engine = self.engine
-        total = engine.snapshot(engine.slots[names[0]].config.gpu).total_mib
-        return policy.admission_ceiling(total, engine.config.gpu.reserve_mib)
+        reserve = engine.config.gpu.reserve_mib
+        for n in names:
+            slot = engine.slots[n]
+            sizes = sorted(engine.snapshot(d).total_mib for d in engine.allowed(slot))
+            enough = [t for t in sizes if policy.admission_ceiling(t, reserve) >= slot.reservation]
+            if len(enough) < slot.config.gpu_count:
+                return True
+        return False
 
     # ------------------------------------------------------------ side effects
     def _drain_victims(self, plan: policy.Plan, req: Request) -> None:
@@ -286,7 +335,9 @@ class Admission:
                 self.engine.revoke(victim.name, f"{victim.name} was preempted while starting")
             req.stops.append(StopNote(victim.name, victim.kind, victim.reason))
 
-    def _start_all(self, names: Sequence[str], req: Request) -> None:
+    def _start_all(
+        self, names: Sequence[str], req: Request, devices: dict[str, tuple[int, ...]]
+    ) -> None:
         verb = "prefetch for" if req.prefetch else "needed by"
         for n in names:
             slot = self.engine.slots[n]
@@ -297,8 +348,8 @@ class Admission:
                 req.mine[n] = slot.generation
                 in_background(f"wake-{n}", partial(run_wake, self.engine, slot))
                 continue
-            # STOPPED -> STARTING
-            begin_start(self.engine, slot, data)
+            # STOPPED -> STARTING, on the devices the plan chose
+            begin_start(self.engine, slot, data, devices=devices.get(n))
             req.mine[n] = slot.generation
             in_background(f"start-{n}", partial(run_start, self.engine, slot))
 
@@ -385,3 +436,8 @@ class Admission:
             (cfg.services[n].health.timeout_s for n in needed),
             (s.stop_timeout_s + cfg.gpu.settle_timeout_s for s in cfg.services.values()),
         )
+
+
+def _on(placed: dict[str, tuple[int, ...]], device: int) -> list[str]:
+    """The services of ``placed`` on ``device``, in order."""
+    return [n for n, devices in placed.items() if device in devices]

@@ -315,7 +315,7 @@ class Coordinator:
         return policy.next_gpu_phase(cfg.pipeline, services, phase)
 
     def _device_of(self, needed: Sequence[str]) -> int:
-        return self._engine.config.services[needed[0]].gpu if needed else 0
+        return self._engine.slots[needed[0]].device if needed else 0
 
     def _release_others(
         self, needed: Sequence[str], client: str, phase: str, deadline: float
@@ -435,7 +435,8 @@ class Coordinator:
                     name=s.name,
                     state=s.state.value,
                     runtime=s.config.runtime,
-                    gpu=s.config.gpu,
+                    gpu=s.device,
+                    devices=s.placed,
                     priority=s.config.priority,
                     vram_mib=s.config.vram_mib,
                     reservation_mib=s.reserved_mib,

@@ -71,17 +71,27 @@ def join_background(timeout_s: float) -> None:
             thread.join(timeout=timeout_s)
 
 
-def begin_start(engine: Engine, slot: Slot, data: dict[str, Any], fallback: bool = False) -> None:
+def begin_start(
+    engine: Engine,
+    slot: Slot,
+    data: dict[str, Any],
+    fallback: bool = False,
+    devices: tuple[int, ...] | None = None,
+) -> None:
     """Commit ``StartRequested`` and take ownership (caller holds the lock).
 
-    ``fallback``: the start follows a failed wake, by the thread that owns the slot.
+    ``devices``: where it runs (None: where it ran last, or its pinned device); they
+    are recorded with the intent. ``fallback``: the start follows a failed wake, by the
+    thread that owns the slot.
     """
     slot.apply_pending()  # a start always runs the newest config
     slot.claim_start(engine.clock.monotonic(), fallback)
     try:
-        vram = engine.vram_data(slot.config.gpu)
-        fingerprint = {"config": slot.config.fingerprint()}
-        engine.record(slot, ev.StartRequested(data={**data, **fingerprint, **vram}))
+        if devices:
+            slot.devices = devices
+        vram = engine.vram_data(slot.device)
+        placed = {"config": slot.config.fingerprint(), "devices": list(slot.placed)}
+        engine.record(slot, ev.StartRequested(data={**data, **placed, **vram}))
     except BaseException:
         slot.release()
         raise
@@ -126,7 +136,7 @@ def _run_start(engine: Engine, slot: Slot) -> None:
     crash_point("after_start_requested")
     instance = uuid.uuid4().hex
     try:
-        handle = engine.runtime(slot).start(slot.config, instance)
+        handle = engine.runtime(slot).start(slot.config, instance, engine.placement(slot))
     except GpusmError as exc:
         _start_failed(engine, slot, f"launch failed: {exc}")
         raise
@@ -205,15 +215,16 @@ def _stop_quietly(engine: Engine, slot: Slot) -> None:
     pids = engine.pids(slot)
     try:
         engine.runtime(slot).stop(slot.handle, slot.config.stop_timeout_s)
-        wait_reclaimed(
-            engine.probe,
-            service=slot.name,
-            pids=pids,
-            expect_free_mib=0,
-            device=slot.config.gpu,
-            settle_timeout_s=engine.config.gpu.settle_timeout_s,
-            clock=engine.clock,
-        )
+        for device in slot.placed:
+            wait_reclaimed(
+                engine.probe,
+                service=slot.name,
+                pids=pids,
+                expect_free_mib=0,
+                device=device,
+                settle_timeout_s=engine.config.gpu.settle_timeout_s,
+                clock=engine.clock,
+            )
     except GpusmError:
         pass  # the start already failed; the reclaim state shows up in the next plan
 
@@ -226,7 +237,7 @@ def begin_drain(engine: Engine, slot: Slot, event: ev.ServiceEvent) -> bool:
     """
     if slot.state not in RUNNING_STATES and slot.state is not State.PARKED:
         return False
-    engine.record(slot, type(event)(data={**event.data, **engine.vram_data(slot.config.gpu)}))
+    engine.record(slot, type(event)(data={**event.data, **engine.vram_data(slot.device)}))
     return slot.claim()
 
 
@@ -237,7 +248,7 @@ def _finish_stop(engine: Engine, slot: Slot, wait_for_leases: bool, keep_claim: 
     handle = slot.handle
     data: dict[str, Any] = {}
     pids = engine.pids(slot)
-    held, unattributed = _held_mib(engine, slot, pids)
+    held = {device: _held_mib(engine, device, pids) for device in slot.placed}
     if handle is not None:
         try:
             result = engine.runtime(slot).stop(handle, slot.config.stop_timeout_s)
@@ -255,19 +266,23 @@ def _finish_stop(engine: Engine, slot: Slot, wait_for_leases: bool, keep_claim: 
     crash_point("after_signal")
     error: VramNotReclaimed | None = None
     try:
-        data["reclaim_s"] = round(
-            wait_reclaimed(
-                engine.probe,
-                service=slot.name,
-                pids=pids,
-                expect_free_mib=0,
-                max_unattributed_mib=unattributed,
-                device=slot.config.gpu,
-                settle_timeout_s=engine.config.gpu.settle_timeout_s,
-                clock=engine.clock,
-            ),
-            4,
-        )
+        # Every device it held memory on, one after the other: the slowest one counts.
+        reclaim_s = 0.0
+        for device, (_, unattributed) in held.items():
+            reclaim_s = max(
+                reclaim_s,
+                wait_reclaimed(
+                    engine.probe,
+                    service=slot.name,
+                    pids=pids,
+                    expect_free_mib=0,
+                    max_unattributed_mib=unattributed,
+                    device=device,
+                    settle_timeout_s=engine.config.gpu.settle_timeout_s,
+                    clock=engine.clock,
+                ),
+            )
+        data["reclaim_s"] = round(reclaim_s, 4)
         data["vram_reclaimed"] = True
     except VramNotReclaimed as exc:
         error = exc
@@ -275,7 +290,9 @@ def _finish_stop(engine: Engine, slot: Slot, wait_for_leases: bool, keep_claim: 
     except GpuProbeError as exc:
         data.update(vram_reclaimed=False, error=str(exc))
     with engine.cond:
-        data.update(held_mib=held, **engine.vram_data(slot.config.gpu))
+        data.update(held_mib=sum(mib for mib, _ in held.values()), **engine.vram_data(slot.device))
+        if len(held) > 1:
+            data["devices"] = list(held)
         slot.detach(error=data.get("error"))
         # DRAINING -> STOPPED
         engine.record(slot, ev.Stopped(data=data))
@@ -285,10 +302,11 @@ def _finish_stop(engine: Engine, slot: Slot, wait_for_leases: bool, keep_claim: 
         raise error
 
 
-def _held_mib(engine: Engine, slot: Slot, pids: set[int]) -> tuple[int, int | None]:
-    """What the service holds now, and the unattributed memory its exit may not leave behind."""
+def _held_mib(engine: Engine, device: int, pids: set[int]) -> tuple[int, int | None]:
+    """What ``pids`` hold on ``device`` now, and the unattributed memory their exit may
+    not leave behind there."""
     try:
-        snap = engine.snapshot(slot.config.gpu)
+        snap = engine.snapshot(device)
     except GpuProbeError:
         return 0, None
     # A real driver's unattributed memory (contexts, caches) wobbles a little.

@@ -157,7 +157,7 @@ class Monitor:
                 return
             slot.detach(error=reason)
             slot.count_probe(True)
-            data = {"reason": reason, "exit_code": exit_code, **engine.vram_data(slot.config.gpu)}
+            data = {"reason": reason, "exit_code": exit_code, **engine.vram_data(slot.device)}
             # HEALTHY | PARKED -> STOPPED: it died unasked
             engine.record(slot, ev.Crashed(data=data))
             self._schedule_restart(slot)
@@ -198,9 +198,12 @@ class Monitor:
                 if slot.name not in engine.leased():
                     slot.schedule_restart(None)
                     continue
-                views = engine.views(slot.config.gpu)
-                gpu, _, _ = engine.gpu_view(slot.config.gpu)
-                if policy.free_for_admission(views, gpu) < slot.reservation:
+                # It restarts where it ran, if there is room on each of its devices.
+                room = min(
+                    policy.free_for_admission(engine.views(d), engine.gpu_view(d)[0])
+                    for d in slot.placed
+                )
+                if room < slot.reservation:
                     slot.schedule_restart(now + 1.0)  # no room yet; never evict for a restart
                     continue
                 reason = f"restart after crash ({slot.last_error})"

@@ -45,7 +45,7 @@ def begin_park(engine: Engine, slot: Slot, event: ev.ParkRequested) -> bool:
         return False
     data = {**event.data, "residual_mib": slot.residual_mib}
     # HEALTHY -> PARKING
-    engine.record(slot, ev.ParkRequested(data={**data, **engine.vram_data(slot.config.gpu)}))
+    engine.record(slot, ev.ParkRequested(data={**data, **engine.vram_data(slot.device)}))
     return slot.claim()
 
 
@@ -103,7 +103,7 @@ def _finish_park(engine: Engine, slot: Slot, wait_for_leases: bool) -> None:
     with engine.cond:
         residual = slot.residual_mib or 0
         numbers: dict[str, Any] = {"held_mib": held, "residual_mib": residual}
-        numbers.update(tolerance_mib=steps.tolerance_mib, **engine.vram_data(slot.config.gpu))
+        numbers.update(tolerance_mib=steps.tolerance_mib, **engine.vram_data(slot.device))
         if failure is None and slot.state is State.PARKING:
             assert held is not None
             slot.learn_residual(held)
@@ -128,16 +128,23 @@ def _verify_parked(engine: Engine, slot: Slot, steps: ParkSteps) -> tuple[str | 
         return "no running instance to park", None
     runtime = engine.runtime(slot)
     limit = (slot.residual_mib or 0) + steps.tolerance_mib
+    parked, held, waited = True, 0, 0.0
     try:
-        parked, held, waited = wait_parked(
-            engine.probe,
-            pids_of=lambda: engine.pids(slot),
-            max_held_mib=limit,
-            device=slot.config.gpu,
-            settle_timeout_s=steps.settle_timeout_s,
-            clock=engine.clock,
-            alive=lambda: runtime.is_alive(handle),
-        )
+        # On each of its devices (the residual is per device, as vram_mib is).
+        for device in slot.placed:
+            ok, held, took = wait_parked(
+                engine.probe,
+                pids_of=lambda: engine.pids(slot),
+                max_held_mib=limit,
+                device=device,
+                settle_timeout_s=max(0.0, steps.settle_timeout_s - waited),
+                clock=engine.clock,
+                alive=lambda: runtime.is_alive(handle),
+            )
+            waited += took
+            if not ok:
+                parked = False
+                break
     except GpuProbeError as exc:
         return f"cannot read the GPU to verify the park: {exc}", None
     if parked:
@@ -156,7 +163,7 @@ def begin_wake(engine: Engine, slot: Slot, data: dict[str, Any]) -> None:
     slot.claim_wake(engine.clock.monotonic())
     try:
         # PARKED -> WAKING
-        engine.record(slot, ev.WakeRequested(data={**data, **engine.vram_data(slot.config.gpu)}))
+        engine.record(slot, ev.WakeRequested(data={**data, **engine.vram_data(slot.device)}))
     except BaseException:
         slot.release()
         raise
@@ -190,7 +197,7 @@ def _run_wake(engine: Engine, slot: Slot) -> None:
         if slot.state is State.WAKING:
             slot.fail(f"wake failed: {failure}")
             # WAKING -> DRAINING: stop it, then start it afresh
-            data = {"reason": failure, **engine.vram_data(slot.config.gpu)}
+            data = {"reason": failure, **engine.vram_data(slot.device)}
             engine.record(slot, ev.WakeFailed(data=data))
             restart = True
         else:

@@ -109,6 +109,9 @@ def _restore(engine: Engine, slot: Slot, machine: ServiceMachine) -> None:
         if isinstance(seconds, int | float):
             slot.learn_load(float(seconds))
     started = engine.last_event(slot.name, ["StartRequested"])
+    if started is not None and isinstance(started.data.get("devices"), list):
+        # Where its instance was placed (logs from before placement name none: pinned/0).
+        slot.devices = tuple(int(d) for d in started.data["devices"])
     recorded = started.data.get("config") if started is not None else None
     if slot.state in ACTIVE_STATES and recorded and recorded != slot.config.fingerprint():
         # Started with another config than the one in force now (a reload or an edit
@@ -246,10 +249,24 @@ def _finish(
     return f"{slot.name}: {done} ({slot.state.value})"
 
 
+def _devices_holding(engine: Engine, slot: Slot) -> tuple[int, ...]:
+    """The devices where the instance's pids hold memory (an adopted orphan stays there)."""
+    pids = engine.pids(slot)
+    found = []
+    for device in engine.allowed(slot):
+        try:
+            snap = engine.snapshot(device)
+        except GpusmError:
+            continue
+        if any(snap.processes.get(pid, 0) > 0 for pid in pids):
+            found.append(device)
+    return tuple(found)
+
+
 def _held(engine: Engine, slot: Slot) -> int | None:
     """MiB the service's processes hold now; None if the GPU cannot be read."""
     try:
-        snap = engine.snapshot(slot.config.gpu)
+        snap = engine.snapshot(slot.device)
     except GpusmError:
         return None
     return sum(snap.processes.get(pid, 0) for pid in engine.pids(slot))
@@ -284,8 +301,10 @@ def _adopt_or_reap(engine: Engine, slot: Slot, extra: list[Handle]) -> list[str]
         ):
             extra.remove(handle)
             slot.attach(handle)
+            slot.devices = _devices_holding(engine, slot) or slot.placed
             reason = "orphan carrying our marker, alive and healthy"
-            engine.record(slot, ev.Adopted(data={**handle.as_data(), "reason": reason}))
+            data = {**handle.as_data(), "devices": list(slot.placed), "reason": reason}
+            engine.record(slot, ev.Adopted(data=data))
             return [f"{slot.name}: adopted orphan {handle.instance}"]
     if was_starting:
         reason = "the coordinator stopped before the launch was recorded"
@@ -321,7 +340,7 @@ def _resume_start(engine: Engine, slot: Slot) -> str:
 def _crashed(engine: Engine, slot: Slot, reason: str) -> str:
     slot.detach(error=reason)
     # STARTING | HEALTHY -> STOPPED
-    engine.record(slot, ev.Crashed(data={"reason": reason, **engine.vram_data(slot.config.gpu)}))
+    engine.record(slot, ev.Crashed(data={"reason": reason, **engine.vram_data(slot.device)}))
     return f"{slot.name}: {reason}"
 
 

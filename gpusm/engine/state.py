@@ -33,6 +33,7 @@ from gpusm.ports import (
     GpuProbe,
     Handle,
     HealthCheck,
+    Placement,
     Runtime,
     ServiceControl,
 )
@@ -77,6 +78,8 @@ class Slot:
     removed: bool = False
     # The most a park of it was seen to keep (raises the residual it reserves).
     learned_residual_mib: int = 0
+    # The devices its current (or last) instance was placed on; () until placed.
+    devices: tuple[int, ...] = ()
     # Monotonic time the wake in flight began.
     wake_started: float = 0.0
     _steps: tuple[ServiceConfig, ParkSteps | None] | None = None
@@ -92,6 +95,17 @@ class Slot:
     @property
     def reservation(self) -> int:
         return max(self.config.vram_mib, self.learned_peak_mib)
+
+    @property
+    def placed(self) -> tuple[int, ...]:
+        """The devices of its instance (or of its last one); its pinned device (else 0)
+        before it was ever placed."""
+        return self.devices or (self.config.pinned or 0,)
+
+    @property
+    def device(self) -> int:
+        """The first device it is placed on (the one its events' VRAM numbers describe)."""
+        return self.placed[0]
 
     @property
     def reserved_mib(self) -> int:
@@ -256,6 +270,8 @@ class Engine:
         self.probe = probe
         self.runtimes = dict(runtimes)
         self.health = health
+        self.device_count = _device_count(probe)
+        self._uuids: dict[int, str] = {}
         # Sends park and wake requests; without one, a park or wake step over HTTP fails.
         self.control = control
         self.clock = clock
@@ -393,11 +409,35 @@ class Engine:
         except Exception:  # a vanished process or container: it holds nothing of ours
             return set()
 
-    # ------------------------------------------------------------ views
-    def devices(self) -> list[int]:
-        """GPU indices that configured services use."""
-        return sorted({s.config.gpu for s in self.slots.values()}) or [0]
+    # ------------------------------------------------------------ devices
+    def allowed(self, slot: Slot) -> list[int]:
+        """The devices ``slot``'s service may be placed on, on this host."""
+        return slot.config.allowed_devices(self.device_count) or [0]
 
+    def devices(self) -> list[int]:
+        """GPU indices that configured services may use or are placed on."""
+        found = {d for s in self.slots.values() for d in (*self.allowed(s), *s.placed)}
+        return sorted(found) or [0]
+
+    def placement(self, slot: Slot) -> Placement:
+        """Where ``slot``'s next instance runs: its devices and their UUIDs."""
+        return Placement(slot.placed, tuple(self._uuid(d) for d in slot.placed))
+
+    def _uuid(self, device: int) -> str:
+        if device not in self._uuids:
+            try:
+                self._uuids[device] = self.probe.snapshot(device).uuid
+            except GpuProbeError:
+                return ""  # CUDA_VISIBLE_DEVICES falls back to indices
+        return self._uuids[device]
+
+    def on_device(self, slot: Slot, device: int) -> bool:
+        """Whether ``slot`` counts on ``device``: placed there while active, else allowed."""
+        if slot.state in ACTIVE_STATES:
+            return device in slot.placed
+        return device in self.allowed(slot)
+
+    # ------------------------------------------------------------ views
     def owners(self, device: int, snap: DeviceSnapshot) -> dict[int, str]:
         """GPU pid -> service, for the pids of ``snap`` that belong to an active service.
 
@@ -406,7 +446,7 @@ class Engine:
         """
         handles: dict[str, list[Handle]] = {}
         for slot in self.slots.values():
-            if slot.config.gpu == device and slot.state in ACTIVE_STATES and slot.handle:
+            if slot.state in ACTIVE_STATES and device in slot.placed and slot.handle:
                 handles.setdefault(slot.handle.kind, []).append(slot.handle)
         owners: dict[int, str] = {}
         for group in handles.values():
@@ -456,7 +496,7 @@ class Engine:
                 state_since=slot.state_since,
             )
             for name, slot in self.slots.items()
-            if device is None or slot.config.gpu == device
+            if device is None or self.on_device(slot, device)
         }
 
     def revoke(self, service: str, reason: str) -> list[str]:
@@ -501,3 +541,10 @@ class Engine:
         except GpuProbeError as exc:
             return {"gpu": device, "gpu_error": str(exc)}
         return {"gpu": device, "free_mib": snap.free_mib, "used_mib": snap.used_mib}
+
+
+def _device_count(probe: GpuProbe) -> int:
+    try:
+        return max(1, probe.device_count())
+    except GpuProbeError:
+        return 1  # unreadable now: one device until it can be read (recovery reports it)

@@ -15,7 +15,7 @@ A pid that no runtime knows (:meth:`MemoryGpu.hog`) is foreign usage.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,7 +62,8 @@ class MemoryGpu:
         *,
         reclaim_lag_s: float = 0.0,
         clock: Clock | None = None,
-        uuid: str = "MEM-GPU-0",
+        uuid: str | None = None,
+        index: int = 0,
     ) -> None:
         if total_mib <= 0:
             raise GpuProbeError(f"in-memory GPU size must be above 0 MiB, got {total_mib}")
@@ -71,7 +72,8 @@ class MemoryGpu:
         self.total_mib = total_mib
         self.reclaim_lag_s = reclaim_lag_s
         self.clock: Clock = clock or SystemClock()
-        self.uuid = uuid
+        self.index = index
+        self.uuid = uuid or f"MEM-GPU-{index}"
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}
         # Memory of exited processes that the "driver" has not freed yet: (freed at, MiB).
@@ -132,7 +134,7 @@ class MemoryGpu:
             used = self._used()
             processes = dict(self._held)
         return DeviceSnapshot(
-            index=0,
+            index=self.index,
             uuid=self.uuid,
             name=MEMORY_GPU_NAME,
             total_mib=self.total_mib,
@@ -181,7 +183,8 @@ def _require_positive(what: str, mib: int) -> None:
 
 
 class MemoryProbe:
-    """The :class:`~gpusm.ports.GpuProbe` of a :class:`MemoryGpu`: one device, index 0.
+    """The :class:`~gpusm.ports.GpuProbe` of one or more :class:`MemoryGpu` (device i is
+    the i-th given).
 
     Setting ``unreadable`` to a reason makes every read fail with GpuProbeError, as a
     lost GPU or a broken driver would, until it is set back to None.
@@ -189,27 +192,28 @@ class MemoryProbe:
 
     slack_mib = 0
 
-    def __init__(self, gpu: MemoryGpu) -> None:
-        self.gpu = gpu
+    def __init__(self, gpu: MemoryGpu | Sequence[MemoryGpu]) -> None:
+        self.gpus = [gpu] if isinstance(gpu, MemoryGpu) else list(gpu)
+        self.gpu = self.gpus[0]
         self.unreadable: str | None = None
 
     def device_count(self) -> int:
-        """Always 1."""
-        return 1
+        """How many in-memory GPUs it reads."""
+        return len(self.gpus)
 
     def snapshot(self, device: int | str = 0) -> DeviceSnapshot:
-        """The GPU, by index 0 or its UUID; anything else raises GpuProbeError."""
+        """One GPU, by index or UUID; anything else raises GpuProbeError."""
         if self.unreadable is not None:
             raise GpuProbeError(f"cannot read the in-memory GPU: {self.unreadable}")
-        if device != 0 and device != self.gpu.uuid:
-            raise GpuProbeError(
-                f"no GPU {device!r}: the in-memory GPU is index 0, uuid {self.gpu.uuid}"
-            )
-        return self.gpu.snapshot()
+        for index, gpu in enumerate(self.gpus):
+            if device in (index, gpu.uuid):
+                return gpu.snapshot()
+        known = ", ".join(f"{i} ({g.uuid})" for i, g in enumerate(self.gpus))
+        raise GpuProbeError(f"no GPU {device!r}: the in-memory GPUs are {known}")
 
     def oom_count(self) -> int | None:
-        """Allocations the in-memory GPU refused."""
-        return len(self.gpu.ooms)
+        """Allocations the in-memory GPUs refused."""
+        return sum(len(gpu.ooms) for gpu in self.gpus)
 
     def close(self) -> None:
         """Nothing to release; idempotent."""

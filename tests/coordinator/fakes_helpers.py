@@ -52,9 +52,10 @@ def fake_config(
     tmp_path: Path,
     services: Mapping[str, Mapping[str, Any]],
     *,
-    total_mib: int = 16384,
+    total_mib: int | list[int] = 16384,
     phases: Mapping[str, Any] | None = None,
     reserve_mib: int = 0,
+    placement: str = "binpack",
 ) -> Config:
     """A validated config on a simulated GPU; each service gets its own health URL.
 
@@ -71,6 +72,7 @@ def fake_config(
             "backend": "sim",
             "reserve_mib": reserve_mib,
             "settle_timeout_s": 5,
+            "placement": placement,
             "sim": {"total_mib": total_mib},
         },
         "services": entries,
@@ -163,6 +165,8 @@ class World:
     recovery: dict[str, Any] = field(default_factory=dict)
     sizes: Mapping[str, int] | None = None
     parking: FakeParking | None = None
+    # Every in-memory GPU (``gpu`` is the first); a config lists their sizes.
+    gpus: list[MemoryGpu] = field(default_factory=list)
 
     def settle(self, timeout_s: float = 10.0) -> None:
         """Wait (real time, bounded) until every background start and stop has finished."""
@@ -216,6 +220,7 @@ class World:
             clock=self.clock,
             store=self.store,
             gpu=self.gpu,
+            gpus=self.gpus,
             runtime=self.runtime.reopen(),
             sizes=self.sizes,
             health_of=self.health,
@@ -233,6 +238,7 @@ def open_world(
     sizes: Mapping[str, int] | None = None,
     health_of: MemoryHealth | None = None,
     parking: FakeParking | None = None,
+    gpus: list[MemoryGpu] | None = None,
 ) -> World:
     """Build an engine over fakes like ``gpusm.wiring.build_engine`` does, and recover it.
 
@@ -241,10 +247,19 @@ def open_world(
     """
     clock = clock or ManualClock()
     store = store or MemoryEventStore()
-    gpu = gpu or MemoryGpu(config.gpu.sim.total_mib, clock=clock)
+    if gpus is None:
+        sizes_mib = config.gpu.sim.sizes
+        first = gpu or MemoryGpu(sizes_mib[0], clock=clock)
+        gpus = [first] + [
+            MemoryGpu(size, clock=clock, index=i) for i, size in enumerate(sizes_mib) if i
+        ]
+    gpu = gpus[0]
     # The fake stands in for the native runtime that the config's services name.
     runtime = runtime or MemoryRuntime(clock, kind="native")
-    gpu.attach(runtime, sizes)
+    if len(gpus) == 1:
+        gpu.attach(runtime, sizes)
+    else:
+        _attach_all(gpus, runtime, sizes)
     # The services' park and wake steps move their fake memory (state shared on reopen).
     fake_parking = FakeParking(config, gpu, runtime)
     if parking is not None:
@@ -260,7 +275,7 @@ def open_world(
     engine = Engine(
         config,
         store=store,
-        probe=MemoryProbe(gpu),
+        probe=MemoryProbe(gpus),
         runtimes={runtime.kind: runtime},
         health=health,
         clock=clock,
@@ -282,6 +297,33 @@ def open_world(
         recovery,
         sizes,
         fake_parking,
+        gpus,
     )
     world.settle()
     return world
+
+
+def _attach_all(
+    gpus: list[MemoryGpu], runtime: MemoryRuntime, sizes: Mapping[str, int] | None
+) -> None:
+    """Each fake instance holds its VRAM on every device it was placed on."""
+    wanted = dict(sizes or {})
+
+    def on_start(handle: Handle, config: Any) -> None:
+        mib = wanted.get(handle.service, config.vram_mib)
+        placement = runtime.placements.get(handle.instance)
+        if mib <= 0 or handle.pid is None or placement is None:
+            return
+        try:
+            for index in placement.indices:
+                gpus[index].allocate(handle.pid, mib)
+        except SimOutOfMemory:
+            runtime.stop(handle, 0.0)
+
+    def on_exit(handle: Handle) -> None:
+        if handle.pid is not None:
+            for gpu in gpus:
+                gpu.exited(handle.pid)
+
+    runtime.on_start = on_start
+    runtime.on_exit = on_exit

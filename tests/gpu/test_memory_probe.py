@@ -137,8 +137,20 @@ def test_an_attached_process_that_does_not_fit_is_recorded_as_oom_and_exits(
 
 def test_unknown_device_names_the_one_that_exists() -> None:
     probe = MemoryProbe(MemoryGpu(100, uuid="MEM-1"))
-    with pytest.raises(GpuProbeError, match="uuid MEM-1"):
+    with pytest.raises(GpuProbeError, match=r"no GPU 1: the in-memory GPUs are 0 \(MEM-1\)"):
         probe.snapshot(1)
+
+
+def test_several_in_memory_gpus_are_read_by_index_or_uuid() -> None:
+    probe = MemoryProbe([MemoryGpu(100), MemoryGpu(200, index=1)])
+    assert probe.device_count() == 2
+    assert probe.snapshot(1).total_mib == 200
+    assert probe.snapshot("MEM-GPU-1").index == 1
+    probe.gpus[1].hog(7, 50)
+    assert probe.snapshot(0).used_mib == 0
+    with pytest.raises(SimOutOfMemory):
+        probe.gpus[1].allocate(8, 151)
+    assert probe.oom_count() == 1
 
 
 def test_an_unreadable_gpu_fails_every_read_with_its_reason_until_it_is_back() -> None:
