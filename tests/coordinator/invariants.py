@@ -15,7 +15,7 @@ from gpusm import Coordinator
 from gpusm.domain.events import RecordedEvent
 from gpusm.gpu.sim import SimGpu
 from gpusm.health import Health
-from gpusm.ports import Handle, Runtime
+from gpusm.ports import EventQuery, Handle, Runtime
 from gpusm.wiring import build_runtimes
 
 
@@ -39,6 +39,24 @@ SETTLED_STATES = ("stopped", "healthy", "parked")
 # How long memory freed by a stop or a park may take to show on the simulated GPU (its
 # reclaim lag, an asynchronous free) before the accounting must add up.
 _SETTLE_S = 5.0
+
+
+def wait_quiet(coordinator: Coordinator, quiet_s: float = 0.3, timeout: float = 30.0) -> None:
+    """Wait until nothing is settling and the log stays still for ``quiet_s``.
+
+    ``wait_settled`` alone can return before a prefetch that ``enter_phase`` already
+    announced has recorded its start (the prefetch runs in a thread of its own), and the
+    checks below would then find that service starting.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        assert coordinator.wait_settled(max(0.0, deadline - time.monotonic())), "not settled"
+        seq = coordinator.events(EventQuery(newest_first=True, limit=1))[0].seq
+        time.sleep(quiet_s)
+        newest = coordinator.events(EventQuery(newest_first=True, limit=1))[0].seq
+        if newest == seq:
+            return
+        assert time.monotonic() < deadline, "the log never went quiet"
 
 
 def assert_consistent(coordinator: Coordinator, sim: SimGpu) -> None:

@@ -19,7 +19,7 @@ import gpusm
 from gpusm import Coordinator
 from gpusm.crashpoints import CRASH_EXIT_CODE, CRASH_POINTS, RELOAD_CRASH_POINTS
 from gpusm.ports import EventQuery
-from tests.coordinator.invariants import assert_consistent
+from tests.coordinator.invariants import assert_consistent, wait_quiet
 from tests.seed_helpers import seed_config, sim_of, with_parking, write_config
 
 Open = Callable[..., Coordinator]
@@ -101,7 +101,7 @@ def test_recovery_after_a_crash_at_each_point(
     # The interrupted request can be retried.
     for phase in SCENARIO:
         coordinator.enter_phase(phase, client="retry", timeout=30)
-    assert coordinator.wait_settled(30)
+    wait_quiet(coordinator)
     assert_consistent(coordinator, sim_of(config))
     # The retry parked and woke comfyui again.
     after = EventQuery(stream="comfyui", after_seq=recovered.seq)
