@@ -314,13 +314,13 @@ def release_plan(
     services: Mapping[str, ServiceView],
     leases: Mapping[str, frozenset[str]],
 ) -> list[str]:
-    """Running services that a ``release: true`` phase stops, in eviction order.
+    """Running services that a ``release: true`` phase stops (or parks), in eviction order.
 
-    That is every STARTING/HEALTHY service that this phase does not need and no other
-    client's current phase (``leases``) holds.
+    That is every STARTING/HEALTHY/WAKING service that this phase does not need and no
+    other client's current phase (``leases``) holds. Parked services stay parked.
     """
     keep = set(_known(needed, services)) | set(_leased_by(leases))
-    idle = (v for v in services.values() if v.state in _CANDIDATE_STATES and v.name not in keep)
+    idle = (v for v in services.values() if v.state in RUNNING_STATES and v.name not in keep)
     return [v.name for v in _eviction_order(idle)]
 
 

@@ -66,6 +66,8 @@ class Admission:
         self._wanted: dict[int, frozenset[str]] = {}
         # upcoming phase -> the engine version at which its prefetch last found no room.
         self._prefetch_checked: dict[str, int] = {}
+        # Prefetches handed to a thread and not finished: wait_settled waits for them.
+        self.prefetching = 0
 
     def check_open(self) -> None:
         """GpusmError once the coordinator is closing: nothing new starts."""
@@ -354,14 +356,21 @@ class Admission:
             in_background(f"start-{n}", partial(run_start, self.engine, slot))
 
     def stop_and_wait(
-        self, names: Sequence[str], reason: str, by: str | None, deadline: float, kind: str
+        self,
+        names: Sequence[str],
+        reason: str,
+        by: str | None,
+        deadline: float,
+        kind: str,
+        park: bool = False,
     ) -> list[StopNote]:
         """Drain ``names`` and wait until none is draining; RequestTimeout past ``deadline``.
 
-        A service that is parking is drained once parked.
+        A service that is parking is drained once parked. With ``park``, a healthy
+        service that can park is parked instead (the others are stopped).
         """
         engine = self.engine
-        notes = [StopNote(n, kind, reason) for n in names]
+        notes: dict[str, StopNote] = {n: StopNote(n, kind, reason) for n in names}
         pending = list(names)
         with engine.cond:
             while True:
@@ -371,11 +380,15 @@ class Admission:
                         if slot.state is State.PARKING:
                             continue  # its parking thread owns it: drain it once parked
                         pending.remove(n)
-                        drain = ev.DrainRequested(data={"reason": reason, "by": by})
-                        if begin_drain(engine, slot, drain):
+                        data = {"reason": reason, "by": by}
+                        if park and begin_park(engine, slot, ev.ParkRequested(data=data)):
+                            in_background(f"park-{n}", partial(finish_park, engine, slot))
+                            notes[n] = StopNote(n, kind, reason, "park")
+                        elif begin_drain(engine, slot, ev.DrainRequested(data=data)):
                             in_background(f"stop-{n}", partial(finish_stop, engine, slot))
-                if not pending and not any(engine.slots[n].state is State.DRAINING for n in names):
-                    return notes
+                moving = (State.DRAINING, State.PARKING) if park else (State.DRAINING,)
+                if not pending and not any(engine.slots[n].state in moving for n in names):
+                    return list(notes.values())
                 left = deadline - engine.clock.monotonic()
                 if left <= 0:
                     raise RequestTimeout(f"stopping {', '.join(names)} took too long")
@@ -414,8 +427,18 @@ class Admission:
             phase=after,
             limits=limits,
         )
-        in_background(f"prefetch-{upcoming}", partial(self.ensure, req))
+        with engine.cond:
+            self.prefetching += 1
+        in_background(f"prefetch-{upcoming}", partial(self._prefetch_in_background, req))
         return tuple(missing)
+
+    def _prefetch_in_background(self, req: Request) -> None:
+        try:
+            self.ensure(req)
+        finally:
+            with self.engine.cond:
+                self.prefetching -= 1
+                self.engine.cond.notify_all()
 
     def _limits(self, upcoming: str, after: str, missing: Sequence[str]) -> PrefetchLimits:
         """What a prefetch of ``upcoming`` (after ``after``) may evict: nothing needed

@@ -327,7 +327,10 @@ class Coordinator:
         with engine.cond:
             names = policy.release_plan(spared, engine.views(), engine.other_leases(client))
         reason = f"phase {phase} releases the GPU (client {client})"
-        return self._admission.stop_and_wait(names, reason, client, deadline, "release")
+        # What can park parks: the GPU gets all but the residuals, and a wake is seconds.
+        return self._admission.stop_and_wait(
+            names, reason, client, deadline, "release", park=True
+        )
 
     # ------------------------------------------------------------ leases and services
     def release(self, client: str = "default") -> None:
@@ -395,7 +398,9 @@ class Coordinator:
         engine = self._engine
         deadline = engine.clock.monotonic() + timeout
         with engine.cond:
-            while any(s.state in SETTLING_STATES for s in engine.slots.values()):
+            while self._admission.prefetching or any(
+                s.state in SETTLING_STATES for s in engine.slots.values()
+            ):
                 left = deadline - engine.clock.monotonic()
                 if left <= 0 or engine.closed:
                     return False

@@ -336,3 +336,19 @@ def test_status_shows_a_parked_service_reserving_its_residual(make: Any) -> None
     assert (status["a"].state, status["a"].reservation_mib) == ("parked", 500)
     assert (status["a"].residual_mib, status["a"].used_mib) == (500, 500)
     assert (status["b"].residual_mib, status["b"].reservation_mib) == (None, 9000)
+
+
+def test_a_release_phase_parks_what_can_park_and_stops_the_rest(make: Any) -> None:
+    world = make(
+        {"a": fake_service(8000, park=VLLM), "b": fake_service(4000)},
+        phases={"both": ["a", "b"], "crawl": {"services": [], "release": True}},
+    )
+    world.coordinator.enter_phase("both", client="w")
+    result = world.coordinator.enter_phase("crawl", client="w")
+    world.settle()
+    assert sorted((n.service, n.kind, n.action) for n in result.stopped) == [
+        ("a", "release", "park"),
+        ("b", "release", "stop"),
+    ]
+    assert (world.state("a"), world.state("b")) == (State.PARKED, State.STOPPED)
+    assert "releases the GPU" in world.last("a", "ParkRequested")["reason"]

@@ -151,9 +151,13 @@ def test_a_parked_service_expires_one_ttl_after_it_parked() -> None:
     assert idle_expired(services, {}, 160) == ["p"]
 
 
-def test_release_stops_parked_services_too() -> None:
-    services = by_name(svc("p", S.PARKED, 8000, residual=500), svc("keep", vram=1000))
-    assert release_plan(["keep"], services, {}) == ["p"]
+def test_a_release_leaves_parked_services_parked() -> None:
+    services = by_name(
+        svc("p", S.PARKED, 8000, residual=500),
+        svc("awake", vram=2000, residual=500),
+        svc("keep", vram=1000),
+    )
+    assert release_plan(["keep"], services, {}) == ["awake"]
 
 
 NAMES = [f"s{i}" for i in range(6)]
