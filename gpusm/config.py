@@ -597,12 +597,22 @@ def check_devices(
             raise ConfigError(
                 where,
                 f"services.{name}.gpu",
-                f"device {missing[0]} does not exist: this host has {count} "
-                f"(0-{count - 1})" if count > 1 else f"device {missing[0]} does not exist: "
-                "this host has one device (0)",
+                f"device {missing[0]} does not exist: this host has {count} (0-{count - 1})"
+                if count > 1
+                else f"device {missing[0]} does not exist: this host has one device (0)",
                 "name a device the host has, or use gpu: auto",
             )
         allowed = svc.allowed_devices(count)
+        requested = getattr(svc, "gpus", None)
+        if isinstance(requested, list) and not set(allowed) <= set(requested):
+            raise ConfigError(
+                where,
+                f"services.{name}.gpus",
+                f"gpus {requested} does not give the container every device gpu: allows "
+                f"({allowed}); it could be placed on a device it cannot see",
+                f"set gpu: {requested if len(requested) > 1 else requested[0]}, "
+                "or leave gpus: out (gpusm requests the devices it places it on)",
+            )
         if svc.gpu_count > len(allowed):
             raise ConfigError(
                 where,

@@ -22,7 +22,7 @@ from gpusm.clock import SystemClock
 from gpusm.config import Config
 from gpusm.engine.coordinator import Coordinator, set_opener
 from gpusm.engine.state import Engine
-from gpusm.errors import ConfigError
+from gpusm.errors import ConfigError, GpuProbeError
 from gpusm.gpu.fake_server import EXIT_DEVICE, EXIT_OOM, FakeServerOptions, run_fake_server
 from gpusm.gpu.sim import SimGpu
 from gpusm.health import Health, HttpControl
@@ -233,6 +233,20 @@ def open_runtime(
 
 
 # ---------------------------------------------------------------- the engine
+def check_host_devices(config: Config, probe: GpuProbe) -> None:
+    """ConfigError when a service names a device this host lacks, or fits on none it may
+    use (checked at start-up: only the GPU knows how many devices it has, and how big).
+    An unreadable GPU is left to recovery, which reports it."""
+    from gpusm.config import check_devices
+
+    try:
+        count = probe.device_count()
+        sizes = [probe.snapshot(d).total_mib for d in range(count)]
+    except GpuProbeError:
+        return
+    check_devices(config, count, sizes)
+
+
 def build_engine(
     config: Config,
     *,
@@ -246,10 +260,14 @@ def build_engine(
     make_folder(config.state_dir, "state_dir", config.source)
     clock = clock or SystemClock()
     store = open_store(config)
+    probe: GpuProbe | None = None
     try:
         probe = build_probe(config)
+        check_host_devices(config, probe)
         runtimes = build_runtimes(config, registry)
     except BaseException:
+        if probe is not None:
+            probe.close()
         store.close()
         raise
     return Engine(
