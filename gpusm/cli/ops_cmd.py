@@ -147,15 +147,20 @@ def status_view(status: Status) -> Group:
             ),
         )
     services = Table(box=None)
-    for column in ("service", "state", "for", "pid", "used", "reserved", "prio", "leased by"):
+    # The device column only where there is more than one device to tell apart.
+    several = len(status.devices) > 1
+    columns = ["service", "state", "for", *(["gpu"] if several else []), "pid", "used"]
+    for column in (*columns, "reserved", "prio", "leased by"):
         services.add_column(column, no_wrap=True)
     services.add_column("last error", overflow="fold")
     for s in status.services:
         ident = str(s.pid) if s.pid else (s.container_id or "")[:12]
+        gpu = [",".join(str(d) for d in s.devices or (s.gpu,))] if several else []
         services.add_row(
             plain(s.name),
             _state(s.state),
             f"{s.in_state_s:.1f}s",
+            *gpu,
             ident or "-",
             f"{s.used_mib} MiB",
             f"{s.reservation_mib} MiB",
