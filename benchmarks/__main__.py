@@ -25,7 +25,7 @@ __all__ = ["FIGURES", "main"]
 
 HERE = Path(__file__).resolve().parent
 # Figure number -> module; run in this order (7 and 8 after the others: they need the API,
-# written last; 9, the parked tier, came later).
+# written last; 9, the parked tier, and 10, placement on several devices, came later).
 FIGURES: dict[str, str] = {
     "1": "benchmarks.append",
     "2": "benchmarks.recovery",
@@ -36,6 +36,7 @@ FIGURES: dict[str, str] = {
     "7": "benchmarks.status_api",
     "8": "benchmarks.busy_host",
     "9": "benchmarks.parking",
+    "10": "benchmarks.placement",
 }
 
 
