@@ -1,9 +1,13 @@
-"""``gpusm demo``: the original plan's pipeline on a simulated 24 GiB GPU, with real processes.
+"""``gpusm demo``: the original plan's pipeline on simulated 24 GiB GPUs, with real processes.
 
 It writes a config into a demo folder (four fake model servers at the plan's sizes and
 priorities, load times scaled down), runs crawl → analysis → tts → video → render for a
 few items through a real :class:`~gpusm.engine.coordinator.Coordinator`, samples the simulated
 GPU the whole time, and returns a summary. The database stays for ``gpusm events``.
+
+With ``devices`` > 1 the simulated GPU has that many devices of the same size, the
+services may run on any (``gpu: auto``, placed by binpack), and the summary keeps each
+device's peak as well.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from gpusm.config import to_yaml
 from gpusm.engine.coordinator import Coordinator
 from gpusm.ports import EventQuery
 from gpusm.results import PhaseResult
-from gpusm.wiring import open_sim
+from gpusm.wiring import open_sims
 
 __all__ = ["DemoSummary", "run_demo", "write_demo_config"]
 
@@ -32,6 +36,7 @@ SERVICES = {
     "ollama": (18432, 10, 0.8),
 }
 PIPELINE = ["crawl", "analysis", "tts", "video", "render"]
+DEVICE_MIB = 24576
 
 
 def _free_port() -> int:
@@ -40,8 +45,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_demo_config(folder: Path) -> Path:
-    """Write ``folder/gpusm.yaml`` for the demo (fresh ports each time) and return its path."""
+def write_demo_config(folder: Path, devices: int = 1) -> Path:
+    """Write ``folder/gpusm.yaml`` for the demo (fresh ports each time) on ``devices``
+    simulated GPUs of 24 GiB each, and return its path."""
     folder.mkdir(parents=True, exist_ok=True)
     services: dict[str, Any] = {}
     for name, (vram, priority, load) in SERVICES.items():
@@ -67,13 +73,18 @@ def write_demo_config(folder: Path) -> Path:
             "health": {"http": f"http://127.0.0.1:{port}/health", "timeout_s": 60},
             "stop_timeout_s": 5,
         }
+        if devices > 1:
+            services[name]["gpu"] = "auto"
+    sim: dict[str, Any] = {"total_mib": DEVICE_MIB, "reclaim_lag_s": 0.2}
+    if devices > 1:
+        sim = {"devices": devices, **sim}
     doc = {
         "state_dir": "./state",
         "gpu": {
             "backend": "sim",
             "reserve_mib": 0,
             "settle_timeout_s": 5,
-            "sim": {"total_mib": 24576, "reclaim_lag_s": 0.2},
+            "sim": sim,
         },
         "services": services,
         "phases": {
@@ -100,8 +111,12 @@ class DemoSummary:
     preemptions: int = 0
     releases: int = 0
     starts: int = 0
+    # All devices together (one device: that device).
     peak_used_mib: int = 0
     total_mib: int = 0
+    # Per device, device 0 first.
+    device_peak_mib: list[int] = field(default_factory=list)
+    device_total_mib: list[int] = field(default_factory=list)
     ooms: int = 0
     max_reclaim_s: float = 0.0
     wall_s: float = 0.0
@@ -109,17 +124,22 @@ class DemoSummary:
 
 
 class _Sampler(threading.Thread):
-    """Reads the simulated GPU every 20 ms and keeps the peak."""
+    """Reads the simulated devices every 20 ms and keeps the peaks: of their sum, and of each."""
 
-    def __init__(self, used_mib: Callable[[], int]) -> None:
+    def __init__(self, used_mib: Callable[[], list[int]]) -> None:
         super().__init__(name="gpusm-demo-sampler", daemon=True)
         self.used_mib = used_mib
         self.peak = 0
+        self.peaks: list[int] = []
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
         while not self.stop_flag.wait(0.02):
-            self.peak = max(self.peak, self.used_mib())
+            used = self.used_mib()
+            self.peak = max(self.peak, sum(used))
+            self.peaks = [
+                max(a, b) for a, b in zip(self.peaks or [0] * len(used), used, strict=True)
+            ]
 
 
 def run_demo(
@@ -127,17 +147,19 @@ def run_demo(
     items: int = 3,
     work_s: float = 0.3,
     on_phase: Callable[[int, str, PhaseResult, Coordinator], None] | None = None,
+    devices: int = 1,
 ) -> DemoSummary:
-    """Run the pipeline ``items`` times; ``on_phase`` is called after each phase is ready."""
-    config = write_demo_config(folder)
+    """Run the pipeline ``items`` times on ``devices`` simulated GPUs; ``on_phase`` is
+    called after each phase is ready."""
+    config = write_demo_config(folder, devices)
     summary = DemoSummary(items=items, config=config)
     began = time.monotonic()
     with Coordinator.from_config(config) as coordinator:
-        sim = open_sim(coordinator.config)
-        ooms_before = len(sim.ooms())
+        sims = open_sims(coordinator.config)
+        ooms_before = sum(len(sim.ooms()) for sim in sims)
         newest = coordinator.events(EventQuery(newest_first=True, limit=1))
         after = newest[0].seq if newest else 0
-        sampler = _Sampler(lambda: sim.snapshot().used_mib)
+        sampler = _Sampler(lambda: [sim.snapshot().used_mib for sim in sims])
         sampler.start()
         try:
             for item in range(1, items + 1):
@@ -166,7 +188,9 @@ def run_demo(
             elif event.type == "Stopped":
                 summary.max_reclaim_s = max(summary.max_reclaim_s, event.data.get("reclaim_s", 0))
         summary.peak_used_mib = sampler.peak
-        summary.total_mib = sim.total_mib
-        summary.ooms = len(sim.ooms()) - ooms_before
+        summary.device_peak_mib = sampler.peaks or [0] * len(sims)
+        summary.device_total_mib = [sim.total_mib for sim in sims]
+        summary.total_mib = sum(summary.device_total_mib)
+        summary.ooms = sum(len(sim.ooms()) for sim in sims) - ooms_before
     summary.wall_s = time.monotonic() - began
     return summary

@@ -1,4 +1,4 @@
-"""``gpusm demo``: the plan's pipeline on a simulated GPU, with a live view and a summary."""
+"""``gpusm demo``: the plan's pipeline on simulated GPUs, with a live view and a summary."""
 
 from __future__ import annotations
 
@@ -12,37 +12,53 @@ from rich.text import Text
 
 from gpusm.cli.common import EXIT_ERROR, console, friendly_errors, is_tty, plain, say
 from gpusm.engine.coordinator import Coordinator
-from gpusm.results import PhaseResult
+from gpusm.results import DeviceStatus, PhaseResult
 
 __all__ = ["register"]
 
 
+def _bar(device: DeviceStatus, width: int = 40) -> str:
+    filled = round(width * device.used_mib / device.total_mib) if device.total_mib else 0
+    return f"[{'#' * filled}{'.' * (width - filled)}] {device.used_mib}/{device.total_mib} MiB"
+
+
 def _view(item: int, items: int, phase: str, coordinator: Coordinator) -> Table:
     status = coordinator.status()
-    device = status.devices[0]
-    width = 40
-    filled = round(width * device.used_mib / device.total_mib) if device.total_mib else 0
+    several = len(status.devices) > 1
     # Text, not markup: the VRAM bar's "[###" would otherwise be read as a style tag.
-    title = Text.assemble(
-        f"item {item}/{items}  phase ",
-        plain(phase, style="bold"),
-        f"  VRAM [{'#' * filled}{'.' * (width - filled)}] {device.used_mib}/{device.total_mib} MiB",
-    )
+    title = Text.assemble(f"item {item}/{items}  phase ", plain(phase, style="bold"))
+    if several:
+        for device in status.devices:
+            title.append(f"\n  GPU {device.index} {_bar(device, width=20)}")
+    else:
+        title.append(f"  VRAM {_bar(status.devices[0])}")
     table = Table(title=title, title_justify="left")
-    for column in ("service", "state", "VRAM MiB", "priority", "pid"):
+    columns = ("service", "state", "GPU", "VRAM MiB", "priority", "pid")
+    for column in columns if several else tuple(c for c in columns if c != "GPU"):
         table.add_column(column)
     for svc in status.services:
         colour = {"healthy": "green", "starting": "yellow", "draining": "magenta"}.get(
             svc.state, "dim"
         )
-        table.add_row(
+        row: list[Text | str] = [
             plain(svc.name),
             plain(svc.state, style=colour),
             str(svc.used_mib),
             str(svc.priority),
             str(svc.pid or ""),
-        )
+        ]
+        if several:
+            on = ",".join(str(d) for d in svc.devices) if svc.state != "stopped" else ""
+            row.insert(2, on)
+        table.add_row(*row)
     return table
+
+
+def _per_device(coordinator: Coordinator) -> str:
+    """One device's use per word (``gpu0 8192/24576``), for the plain (non-TTY) lines."""
+    return " ".join(
+        f"gpu{d.index} {d.used_mib}/{d.total_mib}" for d in coordinator.status().devices
+    )
 
 
 def demo(
@@ -51,12 +67,17 @@ def demo(
         Path, typer.Option("--dir", help="Where the demo's config and database go.")
     ] = Path("gpusm-demo"),
     work_s: Annotated[float, typer.Option(min=0, help="Worker's CPU work per phase.")] = 0.3,
+    devices: Annotated[
+        int,
+        typer.Option(min=1, max=8, help="Simulated 24 GiB GPUs; services go to any (gpu: auto)."),
+    ] = 1,
 ) -> None:
-    """Run crawl → analysis → tts → video → render on a simulated 24 GiB GPU."""
+    """Run crawl → analysis → tts → video → render on simulated 24 GiB GPUs."""
     from gpusm.demo import run_demo
 
+    gpus = "a simulated 24 GiB GPU" if devices == 1 else f"{devices} simulated 24 GiB GPUs"
     say(
-        f"gpusm demo: {items} item(s) through the plan's pipeline on a simulated 24 GiB GPU "
+        f"gpusm demo: {items} item(s) through the plan's pipeline on {gpus} "
         f"(config and database in {folder}/)"
     )
     live = Live(console=console, auto_refresh=False, transient=False) if is_tty() else None
@@ -69,17 +90,24 @@ def demo(
         stopped = " ".join(
             f"{'~' if s.action == 'park' else '-'}{s.service}({s.kind})" for s in result.stopped
         )
-        say(
+        line = (
             f"item {item} {phase:<8} {result.waited_s:5.2f}s  free {result.free_after_mib:>5} MiB"
             f"  {started} {stopped}".rstrip()
         )
+        if devices > 1:
+            line += f"  [{_per_device(coordinator)}]"
+        say(line)
 
     with friendly_errors():
         if live is not None:
             with live:
-                summary = run_demo(folder, items=items, work_s=work_s, on_phase=on_phase)
+                summary = run_demo(
+                    folder, items=items, work_s=work_s, on_phase=on_phase, devices=devices
+                )
         else:
-            summary = run_demo(folder, items=items, work_s=work_s, on_phase=on_phase)
+            summary = run_demo(
+                folder, items=items, work_s=work_s, on_phase=on_phase, devices=devices
+            )
 
     table = Table(title="summary", title_justify="left")
     table.add_column("phase")
@@ -99,6 +127,14 @@ def demo(
         f"slowest reclaim {summary.max_reclaim_s:.3f}s; OOMs: {summary.ooms}; "
         f"wall {summary.wall_s:.1f}s"
     )
+    if devices > 1:
+        for index, (device_peak, total) in enumerate(
+            zip(summary.device_peak_mib, summary.device_total_mib, strict=True)
+        ):
+            say(
+                f"  GPU {index}: peak {device_peak} / {total} MiB "
+                f"({100 * device_peak / total:.0f}%)"
+            )
     say(f"audit it: gpusm events -c {summary.config}")
     say(f"          gpusm history comfyui -c {summary.config}")
     if summary.ooms:
