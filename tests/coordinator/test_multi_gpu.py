@@ -206,26 +206,23 @@ def test_a_service_spanning_two_devices_holds_and_gives_back_memory_on_both(
     assert [sim.holders() for sim in sims] == [{}, {}, {}]
 
 
-# Run as a child process: open a coordinator, start a and b, say so, and wait to be
-# killed (no close: a crash).
+# Run as a child process: open a coordinator on CONFIG, start each service named after
+# it (one client each), say so, and wait to be killed (no close: a crash).
 CRASHING_COORDINATOR = """
 import sys, time
 from gpusm import Coordinator
 coordinator = Coordinator.from_config(sys.argv[1], monitor=False)
-coordinator.ensure_service("a", client="wa", timeout=30)
-coordinator.ensure_service("b", client="wb", timeout=30)
+for name in sys.argv[2:]:
+    coordinator.ensure_service(name, client="w" + name, timeout=30)
 print("ready", flush=True)
 time.sleep(120)
 """
 
 
-def test_recovery_adopts_each_service_on_its_own_device(
-    tmp_path: Path, open_coordinator: Open
-) -> None:
-    doc = multi_doc(tmp_path, {"a": service(4096), "b": service(4096)}, placement="spread")
-    config = write_config(tmp_path, doc)
+def start_then_crash(config: Path, *names: str) -> None:
+    """A coordinator in a child process starts ``names`` and is SIGKILLed."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CRASHING_COORDINATOR, str(config)],
+        [sys.executable, "-c", CRASHING_COORDINATOR, str(config), *names],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -236,6 +233,14 @@ def test_recovery_adopts_each_service_on_its_own_device(
     finally:
         child.kill()
         child.communicate(timeout=10)
+
+
+def test_recovery_adopts_each_service_on_its_own_device(
+    tmp_path: Path, open_coordinator: Open
+) -> None:
+    doc = multi_doc(tmp_path, {"a": service(4096), "b": service(4096)}, placement="spread")
+    config = write_config(tmp_path, doc)
+    start_then_crash(config, "a", "b")
 
     coordinator = open_coordinator(config)
     assert coordinator.recovered
@@ -286,3 +291,24 @@ def test_two_devices_evict_less_than_one_in_the_seed_pipeline(
     assert evictions_two == 0, two
     assert two["StartRequested"] <= one["StartRequested"], (one, two)
     assert one["StartFailed"] == two["StartFailed"] == 0
+
+
+def test_recovery_adopts_a_spanning_service_on_both_its_devices(
+    tmp_path: Path, open_coordinator: Open
+) -> None:
+    doc = multi_doc(tmp_path, {"tp": service(6000, gpu_count=2)})
+    config = write_config(tmp_path, doc)
+    start_then_crash(config, "tp")
+
+    coordinator = open_coordinator(config)
+    sims = sims_of(coordinator)
+    (tp,) = coordinator.status().services
+    assert (tp.state, tp.devices) == ("healthy", (0, 1))
+    assert held(sims, pid_of(coordinator, "tp")) == [6000, 6000]
+    assert [d.used_mib for d in coordinator.status().devices] == [6000, 6000]
+    assert [e.type for e in coordinator.events(EventQuery(types=["Adopted"]))] == ["Adopted"]
+    coordinator.stop_service("tp")
+    wait_quiet(coordinator, quiet_s=0.1)
+    (stopped,) = coordinator.events(EventQuery(stream="tp", types=["Stopped"]))
+    assert stopped.data["vram_reclaimed"] is True, stopped.data
+    assert stopped.data["devices"] == [0, 1], stopped.data
