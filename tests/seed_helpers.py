@@ -5,7 +5,6 @@ Shared by the coordinator and API tests (``tests/`` is on the import path).
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import yaml
 
 from gpusm.gpu.sim import SimGpu
+from tests.support.ports import free_port
 
 SEED = {
     # name: (vram MiB, priority, load seconds)
@@ -21,13 +21,6 @@ SEED = {
     "vidi": (4096, 40, 0.3),
     "ollama": (18432, 10, 0.3),
 }
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fake_service(

@@ -3,7 +3,6 @@ with real fake-model-server processes."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from gpusm.health import Health
 from gpusm.ports import DeviceSnapshot, Handle
 from gpusm.runtimes.native import NativeRuntime
 from tests.support import eventually
+from tests.support.ports import free_port
 
 
 def snap(free: int, processes: dict[int, int] | None = None) -> DeviceSnapshot:
@@ -129,12 +129,6 @@ def test_probe_errors_pass_through(manual_clock: ManualClock) -> None:
 # ---------------------------------------------------------------- on the simulated GPU
 TOTAL_MIB = 1000
 LAG_S = 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ anything.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import unicodedata
@@ -32,16 +31,11 @@ from gpusm.cli.common import CLIENT_PATTERN, fail, friendly_errors, plain, say
 from gpusm.cli.main import app
 from gpusm.config import NativeServiceConfig, split_listen
 from gpusm.errors import ConfigError, GpusmError, UnknownName
+from tests.support.ports import free_port
 
 # The CLI runs in this process: nothing from the developer's shell may choose a config.
 RUNNER = CliRunner(env={"GPUSM_CONFIG": None, "GPUSM_SIM_DIR": None, "COLUMNS": "120"})
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # gpusm.config's Name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def good_doc(root: Path) -> dict[str, Any]:

@@ -20,16 +20,11 @@ from gpusm import Coordinator
 from gpusm.api.threaded import ThreadedServer
 from gpusm.cli.ops_cmd import register
 from gpusm.config import load_config
+from tests.support.ports import free_port
 
 TOKEN = "cli-test-token"
 # name: (vram MiB, priority)
 SERVICES = {"small": (4096, 40), "big": (20480, 100), "huge": (18432, 10)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(tmp_path: Path, **overrides: Any) -> Path:

@@ -25,12 +25,7 @@ from gpusm.cli.serve_cmd import register
 from gpusm.client import Client
 from gpusm.lock import StateDirLock
 from tests.support import eventually
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.ports import free_port
 
 
 def write_config(tmp_path: Path) -> tuple[Path, str]:

@@ -20,15 +20,10 @@ import yaml
 from gpusm.cli import sd_notify
 from gpusm.cli.systemd_cmd import gpusm_command, unit_text
 from gpusm.config import load_config
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GPUSM = ROOT / ".venv" / "bin" / "gpusm"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(folder: Path, *, docker: bool = False, state_dir: str | None = None) -> Path:

@@ -20,6 +20,7 @@ from gpusm.config import HealthConfig
 from gpusm.health import Health
 from gpusm.health.checks import _connect_problem
 from tests.support import StatusServer
+from tests.support.ports import free_port
 
 
 @pytest.fixture
@@ -32,12 +33,6 @@ def served() -> Iterator[StatusServer]:
 def health() -> Iterator[Health]:
     with Health() as h:
         yield h
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http(url: str, **kw: object) -> HealthConfig:
