@@ -77,5 +77,6 @@ def _left(plan: Plan) -> int:
 def _cost(plan: Plan) -> str:
     if not plan.victims:
         return "fits without stopping anything"
-    parts = [f"{'parking' if v.action == 'park' else 'stopping'} {v.name}" for v in plan.victims]
+    verbs = {"park": "parking", "preempt": "preempting", "evict": "stopping"}
+    parts = [f"{verbs['park' if v.action == 'park' else v.kind]} {v.name}" for v in plan.victims]
     return "fits after " + ", ".join(parts)

@@ -328,9 +328,7 @@ class Coordinator:
             names = policy.release_plan(spared, engine.views(), engine.other_leases(client))
         reason = f"phase {phase} releases the GPU (client {client})"
         # What can park parks: the GPU gets all but the residuals, and a wake is seconds.
-        return self._admission.stop_and_wait(
-            names, reason, client, deadline, "release", park=True
-        )
+        return self._admission.stop_and_wait(names, reason, client, deadline, "release", park=True)
 
     # ------------------------------------------------------------ leases and services
     def release(self, client: str = "default") -> None:
