@@ -55,7 +55,8 @@ def test_a_worker_renews_its_lease_while_alive_and_loses_it_within_the_ttl_when_
     serve: Callable[..., ThreadedServer], tmp_path: Path
 ) -> None:
     doc = seed_config(tmp_path)
-    doc["api"]["lease_ttl_s"] = 1.0
+    # Ten renewals per TTL: a loaded 2-core box may stall the worker for a second.
+    doc["api"]["lease_ttl_s"] = 2.0
     server = serve(write_config(tmp_path, doc))
     worker = subprocess.Popen(
         [sys.executable, "-c", WORKER, server.url, TOKEN], stdout=subprocess.PIPE, text=True
@@ -65,9 +66,9 @@ def test_a_worker_renews_its_lease_while_alive_and_loses_it_within_the_ttl_when_
         assert worker.stdout.readline().strip() == "holding"
         headers = {"Authorization": f"Bearer {TOKEN}"}
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
-            # Three TTLs later the busy worker still holds its phase: it renews.
+            # Two TTLs later the busy worker still holds its phase: it renews.
             began = time.monotonic()
-            while time.monotonic() - began < 3.0:
+            while time.monotonic() - began < 4.0:
                 assert http.get("/gpu/status").json()["leases"] == {"killed-worker": "tts"}
                 time.sleep(0.25)
             worker.kill()  # SIGKILL: no release, no goodbye
@@ -75,7 +76,7 @@ def test_a_worker_renews_its_lease_while_alive_and_loses_it_within_the_ttl_when_
             eventually(
                 lambda: http.get("/gpu/status").json()["leases"] == {}, 10, "the lease to expire"
             )
-            assert time.monotonic() - killed < 1.0 + 1.0  # the TTL, plus a monitor tick or two
+            assert time.monotonic() - killed < 2.0 + 1.0  # the TTL, plus a monitor tick or two
             expired = http.get("/gpu/events", params={"type": "LeaseExpired"}).json()
             assert [e["data"]["client"] for e in expired["events"]] == ["killed-worker"]
     finally:
