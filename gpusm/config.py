@@ -44,6 +44,7 @@ __all__ = [
     "HealthConfig",
     "NativeServiceConfig",
     "PhaseConfig",
+    "ProxyConfig",
     "RestartConfig",
     "ServiceConfig",
     "SimGpuConfig",
@@ -195,6 +196,18 @@ class ServiceConfig(_Strict):
     load_s: NonNegFloat | None = None
     # How to give the VRAM back without stopping the process (None: it cannot park).
     park: ParkConfig | None = None
+    # Where the proxy forwards this service's requests (None: its health check's origin).
+    upstream: str | None = None
+
+    @model_validator(mode="after")
+    def _upstream_is_a_url(self) -> ServiceConfig:
+        if self.upstream is not None:
+            parts = urlsplit(self.upstream)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"upstream must be a base URL like http://127.0.0.1:8000, got {self.upstream!r}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _park_resolves(self) -> ServiceConfig:
@@ -233,6 +246,15 @@ class ServiceConfig(_Strict):
     def pinned(self) -> int | None:
         """The one device it must use, if ``gpu`` names exactly one."""
         return self.gpu if isinstance(self.gpu, int) else None
+
+    def upstream_url(self) -> str | None:
+        """The base URL the proxy forwards to: ``upstream``, else the scheme, host and
+        port of the health check (None when neither names one)."""
+        url = self.upstream or self._health_url()
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.netloc}" if self.upstream is None else url.rstrip("/")
 
     def park_steps(self) -> ParkSteps | None:
         """How this service parks and wakes, resolved; None if it cannot park."""
@@ -357,6 +379,13 @@ class ApiConfig(_Strict):
     cors_origins: list[str] = []
 
 
+class ProxyConfig(_Strict):
+    """The proxy on ``gpusm serve``: how long a request may wait for its service."""
+
+    # A request whose service is not healthy within this long is answered 503.
+    wait_s: PosFloat = 300.0
+
+
 class Config(_Strict):
     """The whole file, validated; paths are absolute once loaded."""
 
@@ -367,6 +396,9 @@ class Config(_Strict):
     phases: dict[Name, PhaseConfig] = {}
     pipeline: list[str] = []
     api: ApiConfig = ApiConfig()
+    # Model name (or glob) -> the service that serves it, for the proxy's /v1 and /api.
+    models: dict[str, str] = {}
+    proxy: ProxyConfig = ProxyConfig()
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
@@ -561,6 +593,14 @@ def _check_references(config: Config, source: str) -> None:
                     f"unknown service {member!r}",
                     f"define it under services: or use one of {sorted(config.services) or 'none'}",
                 )
+    for model, service in config.models.items():
+        if service not in config.services:
+            raise ConfigError(
+                source,
+                f"models.{model}",
+                f"unknown service {service!r}",
+                f"name a service under services: ({', '.join(sorted(config.services)) or 'none'})",
+            )
     for i, phase_name in enumerate(config.pipeline):
         if phase_name not in config.phases:
             raise ConfigError(
