@@ -280,8 +280,9 @@ def _measure_switches(ctx: Ctx, load_s: float, wake_s: float, rounds: int) -> li
 
 
 # ---------------------------------------------------------------- (b) pipeline
-def pipeline_doc(folder: Path, scale: float, park: bool) -> dict[str, Any]:
-    """Figure 6's config with the fakes' wake options; ``park``: the presets on."""
+def pipeline_doc(folder: Path, scale: float, park: bool, release: bool = False) -> dict[str, Any]:
+    """Figure 6's config with the fakes' wake options; ``park``: the presets on;
+    ``release``: crawl and render release the GPU (the plan's own phases)."""
     services: dict[str, Any] = {}
     for name, (vram, prio, load) in SERVICES.items():
         load_s = round(load * scale, 3)
@@ -302,11 +303,11 @@ def pipeline_doc(folder: Path, scale: float, park: bool) -> dict[str, Any]:
         },
         "services": services,
         "phases": {
-            "crawl": {"services": [], "release": False},
+            "crawl": {"services": [], "release": release},
             "analysis": ["vidi"],
             "tts": ["cosyvoice"],
             "video": ["comfyui"],
-            "render": {"services": [], "release": False},
+            "render": {"services": [], "release": release},
             "chat": ["ollama"],
         },
         "pipeline": PIPELINE,
@@ -328,10 +329,10 @@ def _prompt(client: httpx.Client, url: str, timeout_s: float = 60.0) -> float:
 
 
 def _run_pipeline(
-    ctx: Ctx, name: str, scale: float, park: bool, work: list[dict[str, float]]
+    ctx: Ctx, name: str, scale: float, park: bool, work: list[dict[str, float]], release: bool
 ) -> dict[str, Any]:
     folder = ctx.folder(f"parking-pipeline-{name}")
-    doc = pipeline_doc(folder, scale, park)
+    doc = pipeline_doc(folder, scale, park, release)
     comfy = str(doc["services"]["comfyui"]["health"]["http"]).removesuffix("/health")
     coordinator = Coordinator.from_config(write_config(folder, doc))
     prompt_s: list[float] = []
@@ -371,16 +372,32 @@ def _run_pipeline(
 def _measure_pipeline(ctx: Ctx, items: int, scale: float) -> list[Row]:
     rng = random.Random(20260201)  # figure 6's draws
     work = [{p: round(rng.uniform(*WORK_S) * scale, 4) for p in PIPELINE} for _ in range(items)]
-    ctx.log(f"  pipeline with park presets, {items} items")
-    parked = _run_pipeline(ctx, "park", scale, True, work)
-    ctx.log(f"  pipeline without parking, {items} items")
-    plain = _run_pipeline(ctx, "stop", scale, False, work)
-    label = f"{items} items, loads and work x {scale:g}, wake = {WAKE_FRACTION:g} x load"
+    rows = []
+    for release, how in ((True, "crawl and render release the GPU"), (False, "keep warm")):
+        tag = "release" if release else "warm"
+        ctx.log(f"  pipeline ({how}) with park presets, {items} items")
+        parked = _run_pipeline(ctx, f"park-{tag}", scale, True, work, release)
+        ctx.log(f"  pipeline ({how}) without parking, {items} items")
+        plain = _run_pipeline(ctx, f"stop-{tag}", scale, False, work, release)
+        rows += _pipeline_rows(items, scale, how, release, parked, plain)
+    return rows
+
+
+def _pipeline_rows(
+    items: int,
+    scale: float,
+    how: str,
+    release: bool,
+    parked: dict[str, Any],
+    plain: dict[str, Any],
+) -> list[Row]:
+    label = f"{how}; {items} items, loads and work x {scale:g}, wake = {WAKE_FRACTION:g} x load"
     ratio = parked["makespan_s"] / plain["makespan_s"]
     p_item, s_item = parked["service_starts"] / items, plain["service_starts"] / items
     details = {
         "items": items,
         "scale": scale,
+        "release": release,
         "presets": PRESETS,
         "residual_mib": RESIDUAL_MIB,
         "wake_fraction": WAKE_FRACTION,
@@ -388,6 +405,7 @@ def _measure_pipeline(ctx: Ctx, items: int, scale: float) -> list[Row]:
         "parking": parked,
         "no_parking": plain,
     }
+    clean = not parked["park_failed"] and not parked["wake_failed"]
     return [
         Row(
             figure=f"9. Pipeline makespan, parking vs. not ({label})",
@@ -396,8 +414,11 @@ def _measure_pipeline(ctx: Ctx, items: int, scale: float) -> list[Row]:
             ),
             baseline=f"same pipeline, no park: {plain['makespan_s']:.2f} s",
             ratio=ratio,
-            goal="< 1",
-            met=ratio < 1 and not parked["park_failed"] and not parked["wake_failed"],
+            # Kept warm, the card is exactly full (comfyui 20 GiB + one 4 GiB service): a
+            # victim that kept its 1 GiB residual would leave too little room, so the
+            # policy stops instead and parking has nothing to do (reported, no goal).
+            goal="< 1" if release else "—",
+            met=(ratio < 1 and clean) if release else None,
             details=details,
         ),
         Row(
@@ -408,8 +429,8 @@ def _measure_pipeline(ctx: Ctx, items: int, scale: float) -> list[Row]:
             ),
             baseline=f"no park: {s_item:.2f} ({plain['service_starts']} starts)",
             ratio=p_item / s_item if s_item else None,
-            goal="—",
-            met=None,
+            goal="< 1" if release else "—",
+            met=(p_item < s_item) if release else None,
         ),
     ]
 
