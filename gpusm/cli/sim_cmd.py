@@ -371,8 +371,18 @@ def service(
     ] = 0.0,
     model: Annotated[
         str,
-        typer.Option("--model", help="Model name the Ollama and llama.cpp requests must use."),
+        typer.Option(
+            "--model", help="Model name the OpenAI, Ollama and llama.cpp requests must use."
+        ),
     ] = "fake-model",
+    tokens_per_s: Annotated[
+        float,
+        typer.Option(
+            "--tokens-per-s",
+            min=0.0,
+            help="Tokens a completion produces per second (streamed as produced); 0: at once.",
+        ),
+    ] = 50.0,
     sim_dir: SimDirOption = None,
     total_mib: TotalOption = None,
     config: ConfigOption = None,
@@ -384,6 +394,11 @@ def service(
     /collective_rpc), SGLang (POST /release_memory_occupation, /resume_memory_occupation),
     Ollama (POST /api/generate with keep_alive 0 or -1), ComfyUI (POST /free, /prompt) and
     llama.cpp's router (POST /models/unload, /models/load); /health stays 200 while parked.
+
+    Clients get completions at --tokens-per-s: OpenAI's POST /v1/chat/completions,
+    /v1/completions, /v1/embeddings and GET /v1/models (streamed as server-sent events
+    with "stream": true), Ollama's POST /api/chat and /api/generate (NDJSON streams), and
+    ComfyUI's GET /ws (an echo WebSocket); a parked server wakes first.
 
     It holds --vram-mib on each device that $CUDA_VISIBLE_DEVICES names (device indices
     or UUIDs, comma-separated; unset: device 0); parks free and wakes take back on each.
@@ -409,6 +424,7 @@ def service(
         leak_mib=leak_mib,
         async_free_s=async_free_s,
         model=model,
+        tokens_per_s=tokens_per_s,
         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
     )
     with friendly_errors():

@@ -12,6 +12,11 @@ Once ready it can also be *parked* (its model memory freed down to ``residual_mi
 shapes of vLLM, SGLang, Ollama, ComfyUI and llama.cpp's router; :mod:`gpusm.gpu.fake_park`
 lists them. ``/health`` stays 200 while parked or waking.
 
+It also answers the requests of unmodified clients (OpenAI's ``/v1/chat/completions``,
+``/v1/completions``, ``/v1/models``, ``/v1/embeddings``; Ollama's streamed ``/api/chat``
+and ``/api/generate``; ComfyUI's ``/ws`` WebSocket) with tokens produced at
+``tokens_per_s``; :mod:`gpusm.gpu.fake_openai` describes them.
+
 It holds its memory on the simulated devices that ``CUDA_VISIBLE_DEVICES`` names (a
 comma-separated list of device indices or UUIDs, as gpusm sets it; unset or blank:
 device 0), ``vram_mib`` on each of them; ``/info`` lists them under ``devices``.
@@ -29,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,12 +43,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from gpusm.errors import SimOutOfMemory
+from gpusm.gpu.fake_openai import CLIENT_GET_ROUTES, CLIENT_POST_ROUTES, ClientRoutes
 from gpusm.gpu.fake_park import (
     GET_ROUTES,
     POST_ROUTES,
     SERVING,
     NotServing,
-    ParkRoutes,
     allocate_each,
 )
 from gpusm.gpu.sim import SimGpu, UnknownSimDevice, select_devices
@@ -88,6 +93,8 @@ class FakeServerOptions:
     leak_mib: int = 0
     async_free_s: float = 0.0
     model: str = "fake-model"
+    # How fast completions produce tokens (gpusm.gpu.fake_openai); 0: at once.
+    tokens_per_s: float = 50.0
     # The CUDA_VISIBLE_DEVICES value: device indices or UUIDs, comma-separated; None: 0.
     visible_devices: str | None = None
 
@@ -140,7 +147,7 @@ class _Server:
         return True
 
 
-class _Handler(ParkRoutes, BaseHTTPRequestHandler):
+class _Handler(ClientRoutes, BaseHTTPRequestHandler):
     """HTTP for one server; :func:`_handler` makes a subclass bound to it."""
 
     fake: _Server
@@ -161,7 +168,7 @@ class _Handler(ParkRoutes, BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        route = GET_ROUTES.get(path)
+        route = _GET_ROUTES.get(path)
         if route is not None:
             route(self)
         elif path == "/health":
@@ -178,7 +185,7 @@ class _Handler(ParkRoutes, BaseHTTPRequestHandler):
         except ValueError:
             self.reply(400, {"error": "the request body is not JSON"})
             return
-        route = POST_ROUTES.get(path)
+        route = _POST_ROUTES.get(path)
         if route is None:
             self.reply(404, {"error": f"no such endpoint: POST {path}"})
             return
@@ -188,6 +195,13 @@ class _Handler(ParkRoutes, BaseHTTPRequestHandler):
             self.reply(503, {"error": f"the server is {exc}"})
         except SimOutOfMemory as exc:
             self.reply(503, {"error": f"out of memory: {exc}"})
+
+
+_GET_ROUTES: dict[str, Callable[[_Handler], None]] = {**GET_ROUTES, **CLIENT_GET_ROUTES}
+_POST_ROUTES: dict[str, Callable[[_Handler, dict[str, list[str]], dict[str, Any]], None]] = {
+    **POST_ROUTES,
+    **CLIENT_POST_ROUTES,  # its /api/generate streams, and hands fake_park's shapes on
+}
 
 
 def _handler(server: _Server) -> type[BaseHTTPRequestHandler]:
