@@ -36,6 +36,11 @@ SERVICES = {
     "ollama": (18432, 10, 0.8),
 }
 PIPELINE = ["crawl", "analysis", "tts", "video", "render"]
+# The services that sleep instead of stopping (the parked tier), as their real servers do.
+PARKABLE = {"comfyui": "comfyui", "vidi": "vllm"}
+# What a parked fake keeps (its "CUDA context"), and how long it takes to wake.
+RESIDUAL_MIB = 512
+WAKE_FRACTION = 0.1
 DEVICE_MIB = 24576
 
 
@@ -67,12 +72,23 @@ def write_demo_config(folder: Path, devices: int = 1) -> Path:
                 str(load),
                 "--stop-s",
                 "0.1",
+                "--residual-mib",
+                str(RESIDUAL_MIB),
+                "--wake-s",
+                str(round(load * WAKE_FRACTION, 3)),
             ],
             "vram_mib": vram,
             "priority": priority,
             "health": {"http": f"http://127.0.0.1:{port}/health", "timeout_s": 60},
             "stop_timeout_s": 5,
         }
+        if name in PARKABLE:
+            park: dict[str, Any] = {"preset": PARKABLE[name], "residual_mib": RESIDUAL_MIB}
+            if PARKABLE[name] == "comfyui":
+                # ComfyUI reloads on its next prompt: warm it up with one, as a user would.
+                prompt = {"url": f"http://127.0.0.1:{port}/prompt", "json": {"prompt": {}}}
+                park["warmup"] = [{"http": prompt}]
+            services[name]["park"] = park
         if devices > 1:
             services[name]["gpu"] = "auto"
     sim: dict[str, Any] = {"total_mib": DEVICE_MIB, "reclaim_lag_s": 0.2}
@@ -111,6 +127,8 @@ class DemoSummary:
     preemptions: int = 0
     releases: int = 0
     starts: int = 0
+    parks: int = 0
+    wakes: int = 0
     # All devices together (one device: that device).
     peak_used_mib: int = 0
     total_mib: int = 0
@@ -185,6 +203,10 @@ def run_demo(
                 summary.releases += 1
             elif event.type == "StartRequested":
                 summary.starts += 1
+            elif event.type == "Parked":
+                summary.parks += 1
+            elif event.type == "Woken":
+                summary.wakes += 1
             elif event.type == "Stopped":
                 summary.max_reclaim_s = max(summary.max_reclaim_s, event.data.get("reclaim_s", 0))
         summary.peak_used_mib = sampler.peak

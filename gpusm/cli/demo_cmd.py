@@ -121,8 +121,9 @@ def demo(
     console.print(table)
     peak = summary.peak_used_mib
     say(
-        f"starts {summary.starts}, evictions {summary.evictions}, preemptions "
-        f"{summary.preemptions}, release stops {summary.releases}; "
+        f"starts {summary.starts}, parks {summary.parks}, wakes {summary.wakes}, evictions "
+        f"{summary.evictions}, preemptions {summary.preemptions}, release stops "
+        f"{summary.releases}; "
         f"peak VRAM {peak} / {summary.total_mib} MiB ({100 * peak / summary.total_mib:.0f}%); "
         f"slowest reclaim {summary.max_reclaim_s:.3f}s; OOMs: {summary.ooms}; "
         f"wall {summary.wall_s:.1f}s"

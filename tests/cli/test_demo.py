@@ -22,6 +22,8 @@ def test_demo_runs_one_item_without_oom_and_keeps_the_log(tmp_path: Path) -> Non
     assert set(summary.phase_seconds) == {"crawl", "analysis", "tts", "video", "render"}
     assert summary.starts >= 3
     assert summary.evictions + summary.releases >= 2
+    # render releases the GPU: ComfyUI (parkable) is parked, not stopped.
+    assert summary.parks >= 1
     events = subprocess.run(
         [sys.executable, "-m", "gpusm", "events", "--json", "-c", str(summary.config)],
         capture_output=True,
