@@ -24,13 +24,28 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from gpusm.domain.events import Crashed, DrainRequested, Evicted, Preempted, RecordedEvent, Stopped
+from gpusm.domain.events import (
+    Crashed,
+    DrainRequested,
+    Evicted,
+    Parked,
+    ParkFailed,
+    ParkRequested,
+    Preempted,
+    RecordedEvent,
+    Stopped,
+    WakeFailed,
+)
 from gpusm.ports import EventQuery, EventStore
 
 __all__ = ["Interval", "StopExplanation", "explain_stops", "history", "query_events"]
 
-_DRAINS = frozenset(t.type_name() for t in (DrainRequested, Evicted, Preempted))
-_STOPS = frozenset(t.type_name() for t in (Stopped, Crashed))
+# The intents that lead to a stop (or a park): a failed park or wake becomes a stop.
+_DRAINS = frozenset(
+    t.type_name()
+    for t in (DrainRequested, Evicted, Preempted, ParkRequested, ParkFailed, WakeFailed)
+)
+_STOPS = frozenset(t.type_name() for t in (Stopped, Crashed, Parked))
 
 
 def query_events(
@@ -155,7 +170,8 @@ class StopExplanation:
 
     def summary(self) -> str:
         """One sentence for a person."""
-        verb = "crashed" if self.kind == Crashed.type_name() else "stopped"
+        verbs = {Crashed.type_name(): "crashed", Parked.type_name(): "parked"}
+        verb = verbs.get(self.kind, "stopped")
         parts = [f"{self.at.isoformat()} {verb}"]
         if self.requested_by is not None:
             parts.append(f"after {self.requested_by}")
@@ -201,7 +217,9 @@ def _mib(value: Any) -> int | None:
 
 
 def explain_stops(store: EventStore, service: str) -> list[StopExplanation]:
-    """Every ``Stopped`` and ``Crashed`` of ``service``, oldest first, with its explanation.
+    """Every ``Stopped``, ``Crashed`` and ``Parked`` of ``service``, oldest first, with its
+    explanation (a park's is its ``ParkRequested``; a stop after a failed park or wake
+    is explained by the failure).
 
     The stop's own data wins over its drain's (the stop knows the VRAM after the exit);
     a crash never borrows from an earlier drain, because nobody asked for it.
@@ -214,7 +232,7 @@ def explain_stops(store: EventStore, service: str) -> list[StopExplanation]:
             continue
         if event.type not in _STOPS:
             continue
-        asked = drain if event.type == Stopped.type_name() else None
+        asked = drain if event.type != Crashed.type_name() else None
         sources = (event.data,) if asked is None else (event.data, asked.data)
         explained.append(
             StopExplanation(

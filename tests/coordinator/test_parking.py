@@ -16,6 +16,7 @@ import pytest
 
 from gpusm.domain import events as ev
 from gpusm.domain.states import State
+from gpusm.engine.audit import explain_stops
 from gpusm.engine.parking import begin_park, begin_wake, finish_park
 from gpusm.errors import GpusmError, IllegalTransition, UnknownName
 from tests.coordinator.fakes_helpers import World, fake_config, fake_service, open_world
@@ -352,3 +353,17 @@ def test_a_release_phase_parks_what_can_park_and_stops_the_rest(make: Any) -> No
     ]
     assert (world.state("a"), world.state("b")) == (State.PARKED, State.STOPPED)
     assert "releases the GPU" in world.last("a", "ParkRequested")["reason"]
+
+
+def test_the_audit_explains_parks_and_stops_after_a_failed_park(make: Any) -> None:
+    world = make({"a": fake_service(8000, park=VLLM), "b": fake_service(9000)})
+    park_a(world)
+    assert world.parking is not None
+    world.parking.leak_mib["a"] = 4000
+    world.coordinator.enter_phase("pa", client="w")  # wakes a, stops b
+    world.coordinator.enter_phase("pb", client="w")  # a's park keeps 4500: a stop
+    world.settle()
+    told = [e.summary() for e in explain_stops(world.store, "a")]
+    assert len(told) == 2
+    assert " parked after ParkRequested because idle, priority 0, parked (keeps 500" in told[0]
+    assert " stopped after ParkFailed because still holding 4500 MiB" in told[1]
