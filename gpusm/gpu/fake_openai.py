@@ -62,11 +62,11 @@ def token(model: str, i: int) -> str:
 
 
 def _words(value: Any) -> int:
-    """A rough prompt token count: the words in every string inside ``value``."""
+    """A rough prompt token count: the words of a prompt, or of messages' contents."""
     if isinstance(value, str):
         return len(value.split())
-    if isinstance(value, dict):
-        return sum(_words(v) for v in value.values())
+    if isinstance(value, dict):  # a message, or a part of one: its text, not its role
+        return _words(value.get("content")) + _words(value.get("text"))
     if isinstance(value, list):
         return sum(_words(v) for v in value)
     return 0
@@ -150,8 +150,9 @@ class ClientRoutes(ParkRoutes):
 
     # -------------------------------------------------------------- OpenAI
     def openai_models(self) -> None:
-        if self.fake.state not in SERVING:
-            raise NotServing(self.fake.state)
+        if self.fake.state not in SERVING:  # a GET route answers its own 503
+            self.reply(503, _openai_error(f"the server is {self.fake.state}"))
+            return
         model = {
             "id": self.fake.options.model,
             "object": "model",
