@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -242,6 +243,28 @@ def test_ollama_chat_without_messages_unloads_and_loads(start: Start) -> None:
     load = served.post("/api/chat", {"model": MODEL, "messages": []})
     assert load.json()["done_reason"] == "load"
     assert sim.holders() == {served.proc.pid: FULL}
+    # A streamed answer with keep_alive 0 unloads once the last line is written.
+    doc = {"model": MODEL, "prompt": "hi", "stream": True, "keep_alive": 0}
+    _, lines = served.timed_lines("/api/generate", doc)
+    assert json.loads(lines[-1][1])["done"] is True
+    assert sim.holders().get(served.proc.pid, 0) == 0
+
+
+def test_a_stop_ends_a_stream_in_progress_without_done(start: Start) -> None:
+    served, _ = start("--tokens-per-s", "10")
+    got: list[str] = []
+    doc = chat(stream=True, max_tokens=100)  # ten seconds of tokens
+    with httpx.stream(
+        "POST", served.url("/v1/chat/completions"), json=doc, timeout=10.0, trust_env=False
+    ) as response:
+        for line in response.iter_lines():
+            got.append(line)
+            if len(got) == 1:
+                served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=10) == 0
+    assert got[0].startswith("data: ")
+    assert "data: [DONE]" not in got
+    assert len([line for line in got if line]) < 20
 
 
 # -------------------------------------------------------------- WebSocket
