@@ -40,6 +40,10 @@ unauthorized           401     GpusmError           missing or wrong bearer toke
 misdirected-request    421     GpusmError           a non-local ``Host`` (DNS rebinding)
 invalid-request        422     GpusmError           body or query does not match the schema
 internal-error         500     GpusmError           a bug: anything unexpected
+service-unavailable    503     GpusmError           proxy: service not ready in ``wait_s``
+upstream-unreachable   502     GpusmError           proxy: the service's upstream refused
+upstream-timeout       504     GpusmError           proxy: the upstream did not answer
+content-too-large      413     GpusmError           proxy: body too large to read the model
 =====================  ======  ===================  ======================================
 
 Start failures are 502 (Bad Gateway) because the failing party is the upstream model
@@ -386,6 +390,11 @@ _TABLE = (
     ProblemType("misdirected-request", 421, "Misdirected request"),
     ProblemType("invalid-request", 422, "Invalid request"),
     ProblemType("internal-error", 500, "Internal server error"),
+    # The proxy's refusals (gpusm.api.proxy): the service or its upstream, not the request.
+    ProblemType("service-unavailable", 503, "Service unavailable"),
+    ProblemType("upstream-unreachable", 502, "Upstream unreachable"),
+    ProblemType("upstream-timeout", 504, "Upstream timed out"),
+    ProblemType("content-too-large", 413, "Content too large"),
 )
 
 PROBLEMS: Mapping[str, ProblemType] = {row.slug: row for row in _TABLE}

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpusm.api.problems import HttpProblem
+from gpusm.api.proxy import build_proxy_router
 from gpusm.api.routes import build_router
 from gpusm.api.security import HostGuard
 from gpusm.api.state import ApiState, CoordinatorFactory
@@ -203,6 +204,8 @@ def create_app(
     app = FastAPI(title="gpusm", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
     app.state.gpusm = state
     app.include_router(build_router(state))
+    # After the daemon's own routes: /v1 and /api never shadow them.
+    app.include_router(build_proxy_router(state))
     _install_handlers(app, state)
     listen_host = config.api.listen.rpartition(":")[0]
     app.add_middleware(_Gate, state=state, guard=HostGuard([listen_host, *extra_hosts]))

@@ -1,0 +1,185 @@
+"""The proxy's forwarding: one request to the upstream, its answer streamed back.
+
+Nothing here knows about leases: :class:`Relay` calls ``on_close`` exactly once when
+the answer's last byte has been sent, or when sending stopped for any reason (the client
+hung up, the upstream broke, the server is stopping), and the caller releases there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import suppress
+
+import anyio
+import httpx
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gpusm.api.problems import HttpProblem
+
+__all__ = [
+    "HOP_BY_HOP",
+    "Relay",
+    "UPSTREAM_TIMEOUT",
+    "open_upstream",
+    "request_headers",
+    "response_headers",
+    "upstream_problem",
+]
+
+_log = logging.getLogger("gpusm.api.proxy")
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# The proxy's own: the host is the upstream's, the credential is gpusm's (never the
+# upstream's business), the length is set again for a body that was read.
+_NOT_FORWARDED = frozenset({"host", "authorization", "content-length"})
+# Connecting is local and quick; an answer (a long generation) may take minutes, and a
+# stream may pause between chunks for as long.
+UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=600.0, pool=10.0)
+
+
+def _hop_by_hop(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """The hop-by-hop names: the fixed ones and those that ``Connection`` lists."""
+    named = set(HOP_BY_HOP)
+    for key, value in headers:
+        if key.lower() == "connection":
+            named |= {v.strip().lower() for v in value.split(",") if v.strip()}
+    return named
+
+
+def request_headers(request: Request, *, keep_length: bool) -> list[tuple[str, str]]:
+    """What the upstream gets: the client's headers without hop-by-hop ones, the
+    ``Host`` and the gpusm credential, plus ``X-Forwarded-For/Proto/Host``.
+
+    ``keep_length``: the body is streamed as it came, so its ``Content-Length`` stays.
+    """
+    items = request.headers.items()
+    drop = _hop_by_hop(items) | _NOT_FORWARDED
+    drop |= {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+    out = [(k, v) for k, v in items if k.lower() not in drop]
+    length = request.headers.get("content-length")
+    if keep_length and length is not None:
+        out.append(("content-length", length))
+    peer = request.client.host if request.client else ""
+    earlier = request.headers.get("x-forwarded-for")
+    forwarded_for = ", ".join(p for p in (earlier, peer) if p)
+    if forwarded_for:
+        out.append(("x-forwarded-for", forwarded_for))
+    out.append(("x-forwarded-proto", request.url.scheme))
+    host = request.headers.get("host")
+    if host:
+        out.append(("x-forwarded-host", host))
+    return out
+
+
+def response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers as sent back: raw (repeated ones such as ``Set-Cookie``
+    kept), without hop-by-hop ones. ``Content-Length`` and ``Content-Encoding`` stay:
+    the body goes back as the raw bytes it came as."""
+    raw = upstream.headers.raw
+    drop = _hop_by_hop((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
+    return [(k.lower(), v) for k, v in raw if k.decode("latin-1").lower() not in drop]
+
+
+def upstream_problem(service: str, url: str, exc: httpx.HTTPError) -> HttpProblem:
+    """The problem for an upstream that could not be reached (502) or did not answer
+    in time (504)."""
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return HttpProblem(
+            "upstream-timeout",
+            f"service {service!r} did not answer in time at {url} ({type(exc).__name__})",
+            service=service,
+        )
+    why = str(exc) or type(exc).__name__
+    return HttpProblem(
+        "upstream-unreachable",
+        f"service {service!r} is running but its upstream {url} failed: {why}",
+        service=service,
+    )
+
+
+async def open_upstream(
+    http: httpx.AsyncClient,
+    request: Request,
+    url: str,
+    service: str,
+    body: bytes | None,
+) -> httpx.Response:
+    """Send ``request`` to ``url`` and return once the upstream's headers are in (the
+    body is still to be read). ``body``: the bytes already read, else the client's body
+    is streamed through as it arrives. An HttpProblem (502/504) when that fails."""
+    streams = "content-length" in request.headers or "transfer-encoding" in request.headers
+    content: bytes | AsyncIterator[bytes] | None = body
+    if content is None and streams:
+        content = request.stream()
+    headers = request_headers(request, keep_length=body is None)
+    outgoing = http.build_request(request.method, url, headers=headers, content=content)
+    try:
+        return await http.send(outgoing, stream=True)
+    except httpx.HTTPError as exc:
+        raise upstream_problem(service, url, exc) from exc
+
+
+async def _chunks(upstream: httpx.Response, service: str) -> AsyncGenerator[bytes, None]:
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:
+        # The status line is gone already: all that is left is to cut the answer short,
+        # so the client sees a broken body rather than a complete one.
+        _log.warning("service %s broke off its answer: %s", service, exc)
+        raise
+
+
+class Relay(StreamingResponse):
+    """The upstream's answer, chunk by chunk as it arrives; ``on_close`` is awaited once,
+    shielded from cancellation, however the sending ends."""
+
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        service: str,
+        on_close: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._body = _chunks(upstream, service)
+        super().__init__(self._body, status_code=upstream.status_code)
+        self.raw_headers = response_headers(upstream)
+        self._upstream = upstream
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.close()
+
+    async def close(self) -> None:
+        """Close the upstream answer, then ``on_close`` (once; also when never sent)."""
+        on_close, self._on_close = self._on_close, _nothing
+        try:
+            with suppress(Exception):
+                await self._body.aclose()
+            with suppress(Exception):
+                await self._upstream.aclose()
+        finally:
+            await on_close()
+
+
+async def _nothing() -> None:
+    return None
