@@ -24,6 +24,7 @@ from gpusm.api.schemas import (
 )
 from gpusm.api.security import bearer_matches
 from gpusm.api.state import ApiState
+from gpusm.api.stream import build_stream_router
 from gpusm.domain.policy import Plan
 from gpusm.engine.coordinator import Coordinator
 from gpusm.ports import EventQuery
@@ -104,6 +105,14 @@ def build_router(state: ApiState) -> APIRouter:
     _status_routes(router, state, coord)
     _write_routes(router, state, coord, write)
     _query_routes(router, state, coord)
+    router.include_router(
+        build_stream_router(
+            state,
+            coord,
+            problem_responses(*_ALWAYS),
+            [_once("service", "after_seq", "heartbeat_s")],
+        )
+    )
     return router
 
 

@@ -1,0 +1,253 @@
+"""``GET /gpu/events/stream``: the event log as Server-Sent Events, resumable by ``seq``.
+
+Each log entry is one SSE message::
+
+    id: <seq>
+    event: <type>
+    data: <the event as JSON, the same shape as an item of GET /gpu/events>
+
+The stream opens with a ``retry:`` hint and sends a ``: keep-alive`` comment after
+``heartbeat_s`` seconds (default 15) without an event, so proxies and clients can tell
+a quiet log from a dead connection.
+
+**Resuming.** The stream starts after ``Last-Event-ID`` (what a browser's EventSource
+sends when it reconnects), else after ``?after_seq=`` (default 0: the whole log, then
+new events). The ``id`` is the event's ``seq`` in the store, so a client that
+reconnects — to the same daemon or to one restarted after ``kill -9`` — with the last
+id it saw gets every later event exactly once. ``service`` and ``type`` narrow the
+stream like they narrow ``GET /gpu/events``; resume with the same filters.
+
+**No gap, no duplicate.** Each stream reads the store with ``seq > last delivered``, in
+``seq`` order. The SQLite store assigns a seq inside the append's ``BEGIN IMMEDIATE``
+transaction (the one write lock, across processes) as the last seq plus one, and
+commits the batch atomically; a reader's snapshot therefore never holds seq N+1
+without N. A reader never waits for a "hole" to fill: one it sees is permanent (seqs
+need not be contiguous), never an append still in flight.
+
+**Waking.** One watcher per app reads the newest seq every :data:`POLL_S` seconds while
+any stream is open (one indexed row, whoever writes: this daemon, ``gpusm`` commands
+on the same database) and wakes the streams when it moved; each then reads what is
+new for its filters in a worker thread. Idle streams cost no reads of their own.
+
+A stream ends when the client hangs up, when the daemon stops (the coordinator is
+closed), or when :func:`close_streams` is called (e.g. at the start of a shutdown, so
+that uvicorn's graceful shutdown does not wait for open streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+
+from gpusm.api.problems import HttpProblem
+from gpusm.api.state import ApiState
+from gpusm.domain.events import RecordedEvent
+from gpusm.engine.coordinator import Coordinator
+from gpusm.errors import GpusmError
+from gpusm.ports import EventQuery
+from gpusm.wire import to_json
+
+__all__ = ["MAX_SEQ", "POLL_S", "StreamHub", "build_stream_router", "close_streams", "sse_frame"]
+
+_log = logging.getLogger("gpusm.api")
+
+MAX_SEQ = 2**62
+# How often the watcher reads the newest seq while streams are open.
+POLL_S = 0.025
+# Events read (and sent) per store read while catching up.
+_BATCH = 500
+# The reconnection delay an SSE client (a browser's EventSource) is asked to use.
+_RETRY_MS = 1000
+_HEARTBEAT_S = 15.0
+_HEARTBEAT = b": keep-alive\n\n"
+_HEADERS = {
+    "Cache-Control": "no-cache",
+    # nginx and friends: pass each message on at once.
+    "X-Accel-Buffering": "no",
+}
+# Each app's hub, by its state (for :func:`close_streams`).
+_HUBS: weakref.WeakKeyDictionary[ApiState, StreamHub] = weakref.WeakKeyDictionary()
+
+
+def sse_frame(event: RecordedEvent) -> bytes:
+    """One event as an SSE message: ``id`` (its seq), ``event`` (its type), ``data`` (JSON)."""
+    kind = "".join(ch for ch in event.type if ch not in "\r\n")
+    # Compact JSON never holds a raw newline (they are escaped), so data is one line.
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, kind.encode(), to_json(event))
+
+
+def _head(coordinator: Coordinator) -> int:
+    found = coordinator.events(EventQuery(newest_first=True, limit=1))
+    return found[0].seq if found else 0
+
+
+class StreamHub:
+    """Tells the open streams of one app that the log has grown (see module docstring).
+
+    Lives on the server's event loop; :meth:`close` may be called from any thread.
+    """
+
+    def __init__(self, state: ApiState, poll_s: float = POLL_S) -> None:
+        self._state = weakref.ref(state)  # the hub must not keep its app alive
+        self.poll_s = poll_s
+        self.head = 0  # the newest seq the watcher has seen
+        self.closed = False
+        self._subscribers = 0
+        self._task: asyncio.Task[None] | None = None
+        self._grown: asyncio.Event | None = None
+
+    def coordinator(self) -> Coordinator | None:
+        """The coordinator to read, or None once the daemon is stopping."""
+        state = self._state()
+        found = None if state is None or self.closed else state.coordinator
+        return None if found is None or found.closed else found
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[None]:
+        """Keep the watcher running while the caller streams."""
+        self._subscribers += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._watch())
+        try:
+            yield
+        finally:
+            self._subscribers -= 1
+
+    async def wait(self, seen: int, timeout: float) -> None:
+        """Return once the head is past ``seen``, the daemon stops, or ``timeout`` passes."""
+        if self.head > seen or self.coordinator() is None:
+            return
+        if self._grown is None:
+            self._grown = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._grown.wait(), timeout)
+
+    def close(self) -> None:
+        """End every open stream at its next wake (within :attr:`poll_s`); thread-safe."""
+        self.closed = True
+
+    def _wake(self) -> None:
+        grown, self._grown = self._grown, None
+        if grown is not None:
+            grown.set()
+
+    async def _watch(self) -> None:
+        try:
+            while self._subscribers > 0:
+                coordinator = self.coordinator()
+                if coordinator is None:
+                    break  # stopping: the woken streams see it and end
+                try:
+                    head = await anyio.to_thread.run_sync(_head, coordinator)
+                except GpusmError as exc:  # e.g. the store was busy; the next poll retries
+                    _log.debug("event stream watcher: %s", exc)
+                else:
+                    if head != self.head:
+                        self.head = head
+                        self._wake()
+                await asyncio.sleep(self.poll_s)
+        finally:
+            self._wake()
+
+
+def close_streams(state: ApiState) -> None:
+    """End the open event streams of the app holding ``state`` (thread-safe); new ones
+    end at once too. For a shutdown: uvicorn waits for open responses before it stops."""
+    hub = _HUBS.get(state)
+    if hub is not None:
+        hub.close()
+
+
+def _start_after(last_event_id: str | None, after_seq: int) -> int:
+    """Where a stream starts: after ``Last-Event-ID`` if sent, else after ``after_seq``."""
+    if last_event_id is None or not last_event_id.strip():
+        # An empty Last-Event-ID means "no id yet" in the SSE model.
+        return after_seq
+    value = last_event_id.strip()
+    if not value.isascii() or not value.isdigit() or int(value) > MAX_SEQ:
+        raise HttpProblem(
+            "invalid-request",
+            f"Last-Event-ID: {value[:40]!r} is not an event seq (an integer from 0 to {MAX_SEQ}); "
+            "send the id of the last event received",
+        )
+    return int(value)
+
+
+async def _events(hub: StreamHub, query: EventQuery, heartbeat_s: float) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    last = query.after_seq
+    yield b"retry: %d\n\n" % _RETRY_MS
+    async with hub.subscribe():
+        quiet_since = loop.time()
+        while (coordinator := hub.coordinator()) is not None:
+            seen = hub.head  # taken before the read: an append after it wakes the wait below
+            page = EventQuery(stream=query.stream, types=query.types, after_seq=last, limit=_BATCH)
+            try:
+                found = await anyio.to_thread.run_sync(coordinator.events, page)
+            except GpusmError as exc:  # closed under us, or the store failed: the client resumes
+                _log.debug("event stream ends: %s", exc)
+                return
+            if found:
+                yield b"".join(sse_frame(e) for e in found)
+                last = found[-1].seq
+                quiet_since = loop.time()
+                if len(found) == _BATCH:
+                    continue  # catching up: read on at once
+            now = loop.time()
+            if now - quiet_since >= heartbeat_s:
+                yield _HEARTBEAT
+                quiet_since = now
+            await hub.wait(seen, quiet_since + heartbeat_s - now)
+
+
+def build_stream_router(
+    state: ApiState, coord: Any, responses: dict[int | str, Any], dependencies: Sequence[Any]
+) -> APIRouter:
+    """The stream's route. ``coord`` is the dependency that yields the recovered
+    coordinator (else 503), ``responses`` the problems to document, ``dependencies``
+    run before it (e.g. refusing repeated query parameters)."""
+    router = APIRouter()
+    hub = _HUBS[state] = StreamHub(state)
+
+    @router.get(
+        "/gpu/events/stream",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "One SSE message per event: id (its seq), event (its type), "
+                "data (the event as JSON); `: keep-alive` comments while quiet",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **responses,
+        },
+        dependencies=[coord, *dependencies],
+    )
+    async def stream(
+        service: Annotated[str | None, Query(max_length=200)] = None,
+        type: Annotated[list[str] | None, Query(max_length=50)] = None,
+        after_seq: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+        heartbeat_s: Annotated[float, Query(ge=0.05, le=3600)] = _HEARTBEAT_S,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+    ) -> StreamingResponse:
+        """Every event after ``Last-Event-ID`` (else ``after_seq``) as Server-Sent Events,
+        then new ones as they are recorded; ``service`` and ``type`` filter. Resuming with
+        the last id received gives every later event exactly once, also across a daemon
+        restart (the id is the event's ``seq``)."""
+        query = EventQuery(
+            stream=service, types=type, after_seq=_start_after(last_event_id, after_seq)
+        )
+        return StreamingResponse(
+            _events(hub, query, heartbeat_s),
+            media_type="text/event-stream",
+            headers=_HEADERS,
+        )
+
+    return router
