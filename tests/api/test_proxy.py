@@ -6,6 +6,7 @@ service run under a lease of its own, is forwarded to it, and leaves no lease be
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -264,6 +265,84 @@ def test_a_model_is_routed_to_its_service_through_ollamas_api(
     assert ps.status_code == 200, ps.text
     assert [m["name"] for m in ps.json()["models"]] == ["fake-model"]
     no_leases(http)
+
+
+def streaming_daemon(serve: Serve, tmp_path: Path, tokens_per_s: float) -> ThreadedServer:
+    doc = proxy_config(tmp_path)
+    ollama = doc["services"]["ollama"]
+    ollama["command"] = [*ollama["command"], "--tokens-per-s", str(tokens_per_s)]
+    return serve(write_config(tmp_path, doc))
+
+
+def test_a_stream_arrives_chunk_by_chunk_under_a_lease_until_its_last_byte(
+    serve: Serve, tmp_path: Path
+) -> None:
+    daemon = streaming_daemon(serve, tmp_path, tokens_per_s=10)
+    with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=60) as http:
+        http.get("/svc/ollama/health")  # warm: the timings below are the stream's only
+        arrivals: list[tuple[float, dict[str, Any]]] = []
+        leases_meanwhile: list[dict[str, str]] = []
+        body = generate("fake-model", tokens=5, stream=True)
+        with http.stream("POST", "/api/generate", json=body) as answer:
+            assert answer.status_code == 200
+            assert answer.headers["content-type"] == "application/x-ndjson"
+            assert answer.headers.get("connection") != "close"  # the upstream's, hop-by-hop
+            for line in answer.iter_lines():
+                arrivals.append((time.monotonic(), json.loads(line)))
+                if len(arrivals) == 1:
+                    leases_meanwhile.append(status(http)["leases"])
+        texts = [doc.get("response") for _, doc in arrivals]
+        assert texts == [f"fake-model-{i} " for i in range(1, 6)] + [""]
+        assert arrivals[-1][1]["done"] is True
+        # The first token reached the client while the others were still being produced.
+        assert arrivals[-1][0] - arrivals[0][0] >= 0.3
+        # While it streamed, the request held a lease of its own on ollama; not after.
+        ((client, phase),) = leases_meanwhile[0].items()
+        assert client.startswith("proxy:admin:")
+        assert phase == "service:ollama"
+        no_leases(http)
+
+
+def test_a_client_that_hangs_up_mid_stream_ends_its_lease(serve: Serve, tmp_path: Path) -> None:
+    daemon = streaming_daemon(serve, tmp_path, tokens_per_s=20)
+    with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=60) as http:
+        body = generate("fake-model", tokens=10_000, stream=True)  # about 8 minutes
+        with http.stream("POST", "/api/generate", json=body) as answer:
+            lines = answer.iter_lines()
+            assert json.loads(next(lines))["response"] == "fake-model-1 "
+            assert len(status(http)["leases"]) == 1
+        # Leaving the block closes the connection mid-answer.
+        no_leases(http)
+        assert states(http)["ollama"] == "healthy"
+
+
+def test_a_preemption_waits_for_a_proxied_stream_to_finish(serve: Serve, tmp_path: Path) -> None:
+    # ollama streams 8 tokens in about 0.8 s; its drain_timeout_s is 2 s.
+    daemon = streaming_daemon(serve, tmp_path, tokens_per_s=10)
+    with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=60) as http:
+        lines: list[dict[str, Any]] = []
+        first = threading.Event()
+
+        def stream() -> None:
+            body = generate("fake-model", tokens=8, stream=True)
+            with http.stream("POST", "/api/generate", json=body) as answer:
+                for line in answer.iter_lines():
+                    lines.append(json.loads(line))
+                    first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(30)
+        # comfyui (priority 100) needs ollama's room: ollama is drained, not cut off.
+        entered = http.post("/gpu/phase", json={"phase": "video", "client": "w"})
+        reader.join(30)
+        assert entered.status_code == 200, entered.text
+        assert [n["service"] for n in entered.json()["stopped"]] == ["ollama"]
+        assert len(lines) == 9
+        assert lines[-1]["done"] is True
+        assert states(http)["ollama"] == "stopped"
+        eventually(lambda: list(status(http)["leases"]) == ["w"], 10, "only w's lease")
+        assert SimGpu(tmp_path / "state" / "simgpu").ooms() == []
 
 
 def test_v1_models_lists_the_map_and_starts_nothing(http: httpx.Client) -> None:
