@@ -86,7 +86,7 @@ def no_leases(http: httpx.Client) -> None:
 
 
 def starts(http: httpx.Client, service: str) -> int:
-    params = {"type": "StartRequested", "service": service, "limit": 1000}
+    params: dict[str, str | int] = {"type": "StartRequested", "service": service, "limit": 1000}
     return len(http.get("/gpu/events", params=params).json()["events"])
 
 
