@@ -134,7 +134,7 @@ class _Proxy:
                 return
             released = True
             with suppress(GpusmError):
-                await anyio.to_thread.run_sync(coordinator.release, client)
+                await anyio.to_thread.run_sync(coordinator.end_client, client)
 
         try:
             await self._ensure(coordinator, service, client)

@@ -339,6 +339,17 @@ class Coordinator:
                 self._engine.note(ev.LeaseReleased(data={"client": client, "phase": lease.phase}))
             self._engine.cond.notify_all()
 
+    def end_client(self, client: str) -> None:
+        """``client`` is gone for good (e.g. one proxied request): drop its lease, any
+        note of its revocation and its request lock, so that a daemon serving millions
+        of one-off clients keeps nothing of them."""
+        self.release(client)
+        with self._engine.cond:
+            self._engine.leases.take_revocation(client)
+            lock = self._client_locks.get(client)
+            if lock is not None and not lock.locked():
+                del self._client_locks[client]
+
     def release_all(self, by: str = "release_all") -> list[StopNote]:
         """Drop every lease and stop every running service (the plan's CPU-phase release)."""
         engine = self._engine

@@ -100,3 +100,19 @@ def test_a_lease_without_a_ttl_never_expires(tmp_path: Path) -> None:
         assert world.coordinator.status().lease_expires_s == {}
     finally:
         world.coordinator.close()
+
+
+def test_one_off_clients_leave_nothing_behind_once_ended(tmp_path: Path) -> None:
+    # A proxy makes one client per request: a daemon serving millions must keep none.
+    world = open_world(fake_config(tmp_path, {"a": fake_service(1000)}))
+    try:
+        for i in range(50):
+            world.coordinator.ensure_service("a", client=f"proxy:admin:{i}")
+            with world.engine.cond:
+                world.engine.revoke("a", "a stop revoked it")  # a note left for the client
+            world.coordinator.end_client(f"proxy:admin:{i}")
+        assert world.coordinator.status().leases == {}
+        assert world.coordinator._client_locks == {}  # the memory at stake
+        assert world.engine.leases.take_revocation("proxy:admin:49") is None
+    finally:
+        world.coordinator.close()
