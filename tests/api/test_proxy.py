@@ -513,3 +513,35 @@ def test_upstream_failures_are_502_and_timeouts_504() -> None:
     assert (slow.status, slow.slug) == (504, "upstream-timeout")
     no_connect = upstream_problem("s", "http://x", httpx.ConnectTimeout("no"))
     assert no_connect.status == 502
+
+
+# ------------------------------------------------------------------ an unmodified app
+def test_the_official_openai_client_works_unchanged_through_v1(
+    daemon: ThreadedServer, http: httpx.Client
+) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key=TOKEN, max_retries=0)
+    listed = [m.id for m in client.models.list().data]
+    assert "fake-model" in listed
+    assert states(http)["ollama"] == "stopped"  # listing starts nothing
+    answer = client.chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert answer.choices[0].message.content == "fake-model-1 fake-model-2 fake-model-3 "
+    # Streamed: the chunks arrive as the fake produces them, not all at the end.
+    stamps: list[float] = []
+    text = ""
+    stream = client.chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        stream=True,
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.monotonic())
+            text += chunk.choices[0].delta.content
+    assert text == "".join(f"fake-model-{i} " for i in range(1, 7))
+    assert stamps[-1] - stamps[0] > 0.05  # spaced at the fake's tokens per second
+    assert starts(http, "ollama") == 1
+    no_leases(http)
