@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -338,6 +338,111 @@ class Client:
             found.reverse()
         return found if query.limit is None else found[: query.limit]
 
+    def stream_events(
+        self,
+        query: EventQuery | None = None,
+        *,
+        after_seq: int = 0,
+        reconnect: bool = True,
+        heartbeat_s: float = 15.0,
+    ) -> Iterator[RecordedEvent]:
+        """Follow the log live (``GET /gpu/events/stream``): every event after ``after_seq``
+        (else ``query.after_seq``), then each new one as it is recorded; endless unless
+        ``query.limit`` events have been yielded. ``query.stream`` and ``query.types``
+        filter; ``since``, ``until`` and ``newest_first`` are not supported (ValueError).
+
+        A dropped connection (the daemon restarted, even after ``kill -9``) is resumed with
+        ``Last-Event-ID``, the seq of the last event yielded, so the caller sees every seq
+        exactly once. Reconnects back off and give up like the other calls' retries (see
+        the class docstring: ``max_wait_s`` after the first failure since the daemon last
+        sent something, at most ``retries`` times in a row); ``reconnect=False`` raises at
+        the first failure. The daemon sends a heartbeat every ``heartbeat_s`` seconds while
+        quiet; a connection silent for three of them is taken as dropped. Close the
+        iterator (or leave a ``for`` loop) to hang up.
+        """
+        query = query or EventQuery()
+        if query.since is not None or query.until is not None or query.newest_first:
+            raise ValueError(
+                "stream_events follows the log forward: since, until and newest_first "
+                "are not supported (use events())"
+            )
+        params: list[tuple[str, str | int | float | bool | None]] = [("heartbeat_s", heartbeat_s)]
+        if query.stream is not None:
+            params.append(("service", query.stream))
+        params += [("type", kind) for kind in query.types or ()]
+        cursor = _Cursor(after_seq or query.after_seq, query.limit)
+        timeout = httpx.Timeout(self.timeout, read=max(3 * heartbeat_s, self.timeout))
+        started = time.monotonic()
+        window_end: float | None = None  # the first failure since the last progress + max_wait_s
+        tries = 0
+        while cursor.left is None or cursor.left > 0:
+            tries += 1
+            cursor.progressed = False
+            failure = yield from self._follow(params, timeout, cursor)
+            if failure is None:
+                return
+            if not reconnect:
+                raise failure.error from failure.cause
+            now = time.monotonic()
+            if cursor.progressed:  # the daemon was answering: a fresh window
+                window_end, tries = None, 1
+            if window_end is None:
+                window_end = now + self.max_wait_s
+            pause = min(max(failure.pause, _backoff(tries)), window_end - now)
+            if pause <= 0 or (self.retries is not None and tries > self.retries):
+                raise self._gave_up(failure, tries, started) from failure.cause
+            _log.debug(
+                "event stream: %s; resume after %d in %.2f s", failure.error, cursor.last, pause
+            )
+            time.sleep(pause)
+
+    def _follow(
+        self,
+        params: list[tuple[str, str | int | float | bool | None]],
+        timeout: httpx.Timeout,
+        cursor: _Cursor,
+    ) -> Generator[RecordedEvent, None, _Failure | None]:
+        """One connection to the stream: yield its new events; return why it ended (None:
+        ``cursor.left`` reached 0), or raise an error that is not worth a retry."""
+        path = "/gpu/events/stream"
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(cursor.last)}
+        try:
+            with self._http.stream(
+                "GET", path, params=params, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code != 200:
+                    response.read()
+                    pause = _retry_after(response)
+                    try:
+                        _answer(response)
+                    except GpusmError as exc:
+                        if pause is None:
+                            raise
+                        return _Failure(exc, exc, pause)
+                    raise GpusmError(f"GET {path}: the daemon answered {response.status_code}")
+                for message in _sse_messages(response.iter_lines()):
+                    cursor.progressed = True  # the daemon is answering
+                    if message.data is None:
+                        continue  # a heartbeat, a retry hint
+                    event = from_json(RecordedEvent, message.data)
+                    if event.seq <= cursor.last:
+                        continue  # never twice, whatever a daemon sends
+                    cursor.last = event.seq
+                    yield event
+                    if cursor.left is not None:
+                        cursor.left -= 1
+                        if cursor.left <= 0:
+                            return None
+        except (*_UNSENT, *_LOST, httpx.ReadTimeout) as exc:
+            error = GpusmError(
+                f"GET {path}: lost the gpusm daemon at {self.base_url} ({_describe(exc)})"
+            )
+            return _Failure(error, exc)
+        except httpx.HTTPError as exc:
+            raise GpusmError(f"GET {path} at {self.base_url} failed: {exc}") from exc
+        error = GpusmError(f"GET {path}: the gpusm daemon at {self.base_url} ended the stream")
+        return _Failure(error, error)
+
     # ------------------------------------------------------------ transport
     def _json(
         self,
@@ -511,3 +616,48 @@ def _answer(response: httpx.Response) -> Any:
         raise error_from_problem(response.status_code, found)
     text = response.text[:200].strip() or response.reason_phrase
     raise GpusmError(f"gpusm daemon answered {response.status_code}: {text}")
+
+
+@dataclass
+class _Cursor:
+    """Where a followed stream is: the last seq yielded, how many more to yield (None:
+    endless), and whether the current connection has heard from the daemon."""
+
+    last: int
+    left: int | None
+    progressed: bool = False
+
+
+@dataclass(frozen=True)
+class _SseMessage:
+    """One dispatched Server-Sent Events message (``data`` None: no data field)."""
+
+    id: str | None
+    event: str | None
+    data: str | None
+
+
+def _sse_messages(lines: Iterable[str]) -> Iterator[_SseMessage]:
+    """The messages in an ``text/event-stream`` (WHATWG HTML, "Server-sent events"):
+    ``field: value`` lines up to a blank line; ``:`` starts a comment. A message with no
+    ``data`` (a comment, a ``retry`` hint) is yielded with ``data`` None, so that the
+    caller sees the connection is alive."""
+    ident: str | None = None
+    kind: str | None = None
+    data: list[str] = []
+    seen = False
+    for line in lines:
+        if not line:
+            if seen:
+                yield _SseMessage(ident, kind, "\n".join(data) if data else None)
+            ident, kind, data, seen = None, None, [], False
+            continue
+        seen = True
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            data.append(value)
+        elif field == "id" and "\0" not in value:
+            ident = value
+        elif field == "event":
+            kind = value

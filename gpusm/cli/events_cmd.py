@@ -3,14 +3,21 @@
 Each opens the event store named by the config (``database``, default
 ``<state_dir>/gpusm.db``), creating and migrating it if needed, and closes it again.
 ``--json`` prints one JSON object per line, for scripts.
+
+``gpusm events --follow`` prints what ``gpusm events`` would, then each new event as it
+is recorded: from the daemon's ``GET /gpu/events/stream`` when one answers at
+``api.listen`` (riding out its restarts), else by reading the database every
+:data:`POLL_S` seconds. ``--count N`` stops after N events; Ctrl-C ends it (exit 0).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -27,16 +34,21 @@ from gpusm.cli.common import (
     plain,
     say,
 )
+from gpusm.client import Client, daemon_url, find_daemon
 from gpusm.config import Config, find_config_path, make_folder, sqlite_file
 from gpusm.domain.events import RecordedEvent
 from gpusm.engine import audit
 from gpusm.errors import StoreError, UnknownName
-from gpusm.ports import EventStore
+from gpusm.ports import EventQuery, EventStore
 from gpusm.wiring import open_store, store_revision, upgrade_store
 
 __all__ = ["register"]
 
 db_app = typer.Typer(help="Look after the event database.", no_args_is_help=True)
+
+# How often ``events --follow`` reads the database when no daemon answers.
+POLL_S = 0.25
+_PAGE = 500
 
 
 @contextmanager
@@ -125,12 +137,32 @@ def events(
         int | None, typer.Option(min=0, help="Only the newest N matching events.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="Then print new events as they are recorded (from the daemon if one "
+            "answers, else from the database); Ctrl-C ends.",
+        ),
+    ] = False,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="With --follow: stop after N events.")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Show the event log, oldest first."""
     cfg = load(config)
     since_at = _parse_time(since, "--since")
     until_at = _parse_time(until, "--until")
+    if follow:
+        if until_at is not None:
+            fail("--until cannot be used with --follow (new events are always later)", EXIT_CONFIG)
+        query = EventQuery(stream=service, types=types, since=since_at, limit=limit)
+        _follow(cfg, query, count, as_json)
+        return
+    if count is not None:
+        fail("--count is for --follow; use --limit for the newest N events", EXIT_CONFIG)
     with friendly_errors(), _store(cfg) as store:
         found = audit.query_events(
             store, service=service, type=types, since=since_at, until=until_at, limit=limit
@@ -166,6 +198,94 @@ def events(
             plain(data),
         )
     console.print(table)
+
+
+def _follow(cfg: Config, query: EventQuery, count: int | None, as_json: bool) -> None:
+    """Print the backlog ``query`` selects, then new events; Ctrl-C ends it quietly."""
+    url = daemon_url(cfg.api.listen)
+    printed = 0
+    with friendly_errors():
+        try:
+            if find_daemon(url) is not None:
+                with Client(url, token_file=cfg.token_path, renew_every_s=None) as client:
+                    for event in _daemon_events(client, query):
+                        printed += _show(event, as_json)
+                        if printed == count:
+                            return
+            else:
+                with _store(cfg) as store:
+                    for event in _store_events(store, query):
+                        printed += _show(event, as_json)
+                        if printed == count:
+                            return
+        except KeyboardInterrupt:
+            return  # the way to stop following: exit 0, no "interrupted"
+
+
+def _backlog(
+    newest: list[RecordedEvent], found: list[RecordedEvent]
+) -> tuple[list[RecordedEvent], int]:
+    """The backlog to print (oldest first, up to the head) and the head seq to follow from.
+
+    The head is read before the backlog, so an event recorded in between is printed
+    once, by the follow, rather than twice or never."""
+    head = newest[0].seq if newest else 0
+    return [e for e in found if e.seq <= head], head
+
+
+def _daemon_events(client: Client, query: EventQuery) -> Iterator[RecordedEvent]:
+    newest = client.events(EventQuery(newest_first=True, limit=1))
+    newest_first = query.limit is not None
+    found = client.events(replace(query, newest_first=newest_first))
+    backlog, head = _backlog(newest, found[::-1] if newest_first else found)
+    yield from backlog
+    live = EventQuery(stream=query.stream, types=query.types)
+    # since: a new event may carry an earlier time than a past one only if the clock stepped.
+    yield from _since(client.stream_events(live, after_seq=head), query)
+
+
+def _store_events(store: EventStore, query: EventQuery) -> Iterator[RecordedEvent]:
+    newest = store.read(EventQuery(newest_first=True, limit=1))
+    found = audit.query_events(
+        store, service=query.stream, type=query.types, since=query.since, limit=query.limit
+    )
+    backlog, last = _backlog(newest, found)
+    yield from backlog
+    while True:
+        page = EventQuery(stream=query.stream, types=query.types, after_seq=last, limit=_PAGE)
+        new = store.read(page)
+        yield from _since(new, query)
+        if new:
+            last = new[-1].seq
+        if len(new) < _PAGE:
+            time.sleep(POLL_S)
+
+
+def _since(events: Iterable[RecordedEvent], query: EventQuery) -> Iterator[RecordedEvent]:
+    return (e for e in events if query.since is None or e.at >= query.since)
+
+
+def _show(event: RecordedEvent, as_json: bool) -> int:
+    """Print one followed event as a line; returns 1."""
+    if as_json:
+        _json_line(_event_dict(event))
+        return 1
+    move = ""
+    if event.to_state is not None:
+        move = event.to_state
+        if event.from_state not in (None, event.to_state):
+            move = f"{event.from_state} -> {event.to_state}"
+    fields = [
+        f"#{event.seq}",
+        _when(event.at),
+        event.stream,
+        f"v{event.version}",
+        event.type,
+        move,
+        _brief(event.data),
+    ]
+    say("  ".join(f for f in fields if f))
+    return 1
 
 
 def history(
