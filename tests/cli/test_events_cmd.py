@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -275,3 +279,97 @@ def test_db_upgrade_creates_and_reports_the_revision(
     assert "schema revision 0001 (newest)" in out
     assert db.is_file()
     assert run(app, config, "db", "upgrade")[0] == 0
+
+
+# ---------------------------------------------------------------- events --follow
+# (Following through a daemon's stream: tests/api/test_event_stream.py.)
+@pytest.fixture
+def alone(config: Path) -> Path:
+    """The config with its API on a free port where no daemon answers: --follow reads
+    the database."""
+    from tests.support import free_port
+
+    config.write_text(config.read_text() + f"api: {{listen: '127.0.0.1:{free_port()}'}}\n")
+    return config
+
+
+def _append_later(store: SqlEventStore, delay_s: float, n: int = 2) -> threading.Thread:
+    def append() -> None:
+        time.sleep(delay_s)
+        for i in range(n):
+            at = T0 + timedelta(hours=2, seconds=i)
+            store.append([NewEvent("coordinator", 2 + i, "PhaseEntered", at, data={"i": i})])
+
+    thread = threading.Thread(target=append, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.timeout(30)
+def test_events_follow_prints_the_log_then_new_events_from_the_database(
+    app: typer.Typer, alone: Path, seeded: SqlEventStore
+) -> None:
+    writer = _append_later(seeded, 0.5)
+    started = time.monotonic()
+    code, out, err = run(app, alone, "events", "--follow", "--json", "--count", "8")
+    writer.join(5)
+    assert code == 0, err
+    assert [e["seq"] for e in lines(out)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert lines(out)[-1]["data"] == {"i": 1}
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.timeout(30)
+def test_events_follow_with_limit_and_filters_starts_at_the_newest_matching(
+    app: typer.Typer, alone: Path, seeded: SqlEventStore
+) -> None:
+    writer = _append_later(seeded, 0.3)
+    code, out, err = run(
+        app, alone, "events", "-f", "-s", "coordinator", "--limit", "1", "--count", "3"
+    )
+    writer.join(5)
+    assert code == 0, err
+    found = out.splitlines()
+    assert [line.split()[0] for line in found] == ["#4", "#7", "#8"]
+    assert "coordinator  v2  PhaseEntered  i=0" in found[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--follow", "--until", "2026-01-31"], "--until cannot be used with --follow"),
+        (["--count", "2"], "--count is for --follow"),
+        (["--follow", "--count", "0"], "Invalid value for '--count'"),
+    ],
+)
+def test_events_follow_refuses_options_that_make_no_sense(
+    app: typer.Typer, alone: Path, args: list[str], says: str
+) -> None:
+    code, _, err = run(app, alone, "events", *args)
+    assert code == 2
+    assert says in err
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_ends_events_follow_quietly(alone: Path, seeded: SqlEventStore) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpusm", "events", "--follow", "-c", str(alone)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        assert proc.stdout is not None
+        # The backlog is printed: it is following now.
+        backlog = [proc.stdout.readline() for _ in range(6)]
+        assert [line.split()[0] for line in backlog] == [b"#%d" % n for n in range(1, 7)]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
+    assert err.strip() == b""
+    assert out == b""
