@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gpusm.domain.events import COORDINATOR_STREAM, RecordedEvent
@@ -50,6 +50,9 @@ METRIC_NAMES = (
     "gpusm_stop_seconds",
     "gpusm_reclaim_seconds",
     "gpusm_phase_switch_seconds",
+    "gpusm_proxy_requests",
+    "gpusm_proxy_wait_seconds",
+    "gpusm_proxy_inflight",
 )
 
 
@@ -185,6 +188,26 @@ class Metrics:
             "Phase request to all its services healthy (API calls)",
             ["phase"],
             buckets=_SLOW,
+            registry=reg,
+        )
+
+        self.proxy_requests = Counter(
+            "gpusm_proxy_requests",
+            "Requests through the proxy, by service and answer status",
+            ["service", "code"],
+            registry=reg,
+        )
+        self.proxy_wait = Histogram(
+            "gpusm_proxy_wait_seconds",
+            "How long a proxied request waited for its service to be healthy",
+            ["service"],
+            buckets=_SLOW,
+            registry=reg,
+        )
+        self.proxy_inflight = Gauge(
+            "gpusm_proxy_inflight",
+            "Proxied requests holding a lease now (waiting, or being answered)",
+            ["service"],
             registry=reg,
         )
 

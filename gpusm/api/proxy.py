@@ -41,6 +41,7 @@ from gpusm.api.security import bearer_matches
 from gpusm.api.state import ApiState
 from gpusm.engine.coordinator import Coordinator
 from gpusm.errors import GpusmError, InsufficientVram, RequestTimeout, UnknownName
+from gpusm.results import PhaseResult
 
 __all__ = ["MODEL_BODY_LIMIT", "build_proxy_router"]
 
@@ -107,10 +108,18 @@ class _Proxy:
                 self.http = None
 
     async def forward(
-        self, request: Request, caller: Caller, service: str, path: str, body: bytes | None
+        self,
+        request: Request,
+        caller: Caller,
+        service: str,
+        path: str,
+        body: bytes | None,
+        model: str | None = None,
     ) -> Response:
         """Ensure ``service`` under a lease of this request's own, then relay ``request``
-        to its upstream + ``path``; the lease ends with the answer."""
+        to its upstream + ``path``; the lease ends with the answer. Counted in the
+        ``gpusm_proxy_*`` metrics; one that started, woke or stopped something is an
+        audit event."""
         coordinator = _coordinator(self.state)
         config = coordinator.config.service(service)
         base = config.upstream_url()
@@ -126,6 +135,9 @@ class _Proxy:
         query = request.url.query
         url = base + path + (f"?{query}" if query else "")
         client = f"proxy:{caller.key}:{secrets.token_hex(6)}"
+        metrics = self.state.metrics
+        inflight = metrics.proxy_inflight.labels(service)
+        inflight.inc()
         released = False
 
         async def release() -> None:
@@ -133,19 +145,29 @@ class _Proxy:
             if released:
                 return
             released = True
+            inflight.dec()
             with suppress(GpusmError):
                 await anyio.to_thread.run_sync(coordinator.end_client, client)
 
         try:
-            await self._ensure(coordinator, service, client)
+            result = await self._ensure(coordinator, service, client)
+            metrics.proxy_wait.labels(service).observe(result.waited_s)
+            if result.started or result.stopped:
+                route = f"{request.method} {request.url.path}"
+                await anyio.to_thread.run_sync(
+                    coordinator.note_proxied, _audit(route, model, client, service, result)
+                )
             upstream = await open_upstream(http, request, url, service, body)
-        except BaseException:
+        except BaseException as exc:
+            code = str(exc.status) if isinstance(exc, HttpProblem) else "error"
+            metrics.proxy_requests.labels(service, code).inc()
             with anyio.CancelScope(shield=True):
                 await release()
             raise
+        metrics.proxy_requests.labels(service, str(upstream.status_code)).inc()
         return Relay(upstream, service, release)
 
-    async def _ensure(self, coordinator: Coordinator, service: str, client: str) -> None:
+    async def _ensure(self, coordinator: Coordinator, service: str, client: str) -> PhaseResult:
         """Until ``service`` is healthy under ``client``'s lease; 503 after ``proxy.wait_s``.
 
         A lease revoked while it waited (a higher-priority request took the GPU) waits
@@ -163,7 +185,7 @@ class _Proxy:
             except (InsufficientVram, RequestTimeout) as exc:
                 raise self._refusal(coordinator, service, wait_s, str(exc), exc) from exc
             if result.lease_revoked is None:
-                return
+                return result
             _log.info("proxy lease %s revoked while waiting: %s", client, result.lease_revoked)
 
     @staticmethod
@@ -217,8 +239,9 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers or (length is not None and length != "0")
 
 
-async def _route_by_model(state: ApiState, request: Request) -> tuple[str, bytes | None]:
-    """The service the request's model maps to, and the body if it was read for that."""
+async def _route_by_model(state: ApiState, request: Request) -> tuple[str, bytes | None, str]:
+    """The service the request's model maps to, the body if it was read for that, and
+    the model."""
     coordinator = _coordinator(state)
     models = coordinator.config.models
     body: bytes | None = None
@@ -236,7 +259,24 @@ async def _route_by_model(state: ApiState, request: Request) -> tuple[str, bytes
     service = route_model(models, model)
     if service is None:
         raise UnknownName("model", model, list(models))
-    return service, body
+    return service, body, model
+
+
+def _audit(
+    route: str, model: str | None, client: str, service: str, result: PhaseResult
+) -> dict[str, object]:
+    """What the audit keeps of a proxied request that changed what runs."""
+    return {
+        "route": route,
+        "model": model,
+        "client": client,
+        "service": service,
+        "waited_s": result.waited_s,
+        "started": list(result.started),
+        "stopped": [
+            {"service": s.service, "kind": s.kind, "action": s.action} for s in result.stopped
+        ],
+    }
 
 
 def build_proxy_router(state: ApiState) -> APIRouter:
@@ -262,9 +302,9 @@ def build_proxy_router(state: ApiState) -> APIRouter:
 
     async def by_model(request: Request) -> Response:
         caller = _caller(state, request)
-        service, body = await _route_by_model(state, request)
+        service, body, model = await _route_by_model(state, request)
         raw = request.scope.get("raw_path") or request.url.path.encode()
-        return await proxy.forward(request, caller, service, raw.decode("latin-1"), body)
+        return await proxy.forward(request, caller, service, raw.decode("latin-1"), body, model)
 
     for prefix in ("/v1", "/api"):
         router.add_api_route(

@@ -34,6 +34,7 @@ __all__ = [
     "PhaseEntered",
     "Preempted",
     "PrefetchAbandoned",
+    "ProxiedRequest",
     "ProcessLaunched",
     "RecordedEvent",
     "Recovered",
@@ -206,6 +207,13 @@ class PrefetchAbandoned(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProxiedRequest(Event):
+    """A request through the proxy that started, woke or stopped something: data names
+    the route, the model, the client, the service and how long it waited (coordinator
+    stream)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class LeaseReleased(Event):
     """A client gave up its current phase (coordinator stream)."""
 
@@ -258,6 +266,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         WakeFailed,
         PhaseEntered,
         PrefetchAbandoned,
+        ProxiedRequest,
         LeaseReleased,
         LeaseRevoked,
         LeaseExpired,

@@ -339,6 +339,12 @@ class Coordinator:
                 self._engine.note(ev.LeaseReleased(data={"client": client, "phase": lease.phase}))
             self._engine.cond.notify_all()
 
+    def note_proxied(self, data: dict[str, object]) -> None:
+        """Record a proxied request that started, woke or stopped something (the audit's
+        answer to "why did this start?" when no worker asked)."""
+        with self._engine.cond:
+            self._engine.note(ev.ProxiedRequest(data=data))
+
     def end_client(self, client: str) -> None:
         """``client`` is gone for good (e.g. one proxied request): drop its lease, any
         note of its revocation and its request lock, so that a daemon serving millions

@@ -545,3 +545,26 @@ def test_the_official_openai_client_works_unchanged_through_v1(
     assert stamps[-1] - stamps[0] > 0.05  # spaced at the fake's tokens per second
     assert starts(http, "ollama") == 1
     no_leases(http)
+
+
+def test_a_cold_proxied_request_is_audited_and_counted(http: httpx.Client) -> None:
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    assert http.get("/svc/ollama/health").status_code == 200  # warm: no audit event
+    audited = http.get("/gpu/events", params={"type": "ProxiedRequest"}).json()["events"]
+    assert len(audited) == 1
+    data = audited[0]["data"]
+    assert (data["route"], data["model"], data["service"]) == (
+        "POST /v1/chat/completions",
+        "fake-model",
+        "ollama",
+    )
+    assert data["started"] == ["ollama"]
+    assert data["client"].startswith("proxy:admin:")
+    assert http.post("/v1/chat/completions", json={**chat, "messages": []}).status_code == 400
+    no_leases(http)
+    metrics = http.get("/metrics").text
+    assert 'gpusm_proxy_requests_total{code="200",service="ollama"} 2.0' in metrics
+    assert 'gpusm_proxy_requests_total{code="400",service="ollama"} 1.0' in metrics
+    assert 'gpusm_proxy_wait_seconds_count{service="ollama"} 3.0' in metrics
+    assert 'gpusm_proxy_inflight{service="ollama"} 0.0' in metrics
