@@ -147,7 +147,7 @@ class _Proxy:
             released = True
             inflight.dec()
             with suppress(GpusmError):
-                await anyio.to_thread.run_sync(coordinator.end_client, client)
+                await anyio.to_thread.run_sync(partial(coordinator.end_client, client, True))
 
         try:
             result = await self._ensure(coordinator, service, client)
@@ -179,7 +179,7 @@ class _Proxy:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._refusal(coordinator, service, wait_s, "its lease was revoked")
-            ensure = partial(coordinator.ensure_service, service, client, left, None)
+            ensure = partial(coordinator.ensure_service, service, client, left, None, quiet=True)
             try:
                 result = await anyio.to_thread.run_sync(ensure)
             except (InsufficientVram, RequestTimeout) as exc:

@@ -73,6 +73,8 @@ class _Phase:
     # A pipeline phase prefetches the next GPU phase; a single-service ensure does not.
     pipelined: bool = True
     ttl_s: float | None = None
+    # A one-off client's lease (a proxied request) is not logged: only what it changes.
+    quiet: bool = False
 
 
 class Coordinator:
@@ -192,10 +194,17 @@ class Coordinator:
         client: str = "default",
         timeout: float | None = None,
         lease_ttl_s: float | None = None,
+        *,
+        quiet: bool = False,
     ) -> PhaseResult:
-        """Make one service healthy for ``client`` (its lease becomes just that service)."""
+        """Make one service healthy for ``client`` (its lease becomes just that service).
+
+        ``quiet``: the lease itself is not logged (no ``PhaseEntered``, and no
+        ``LeaseReleased`` from :meth:`end_client`), for one-off clients such as proxied
+        requests; what it starts or stops is logged as always.
+        """
         self._engine.config.service(name)
-        request = _Phase(f"service:{name}", [name], pipelined=False, ttl_s=lease_ttl_s)
+        request = _Phase(f"service:{name}", [name], pipelined=False, ttl_s=lease_ttl_s, quiet=quiet)
         return self._enter(request, client, timeout, None)
 
     def renew(self, client: str) -> bool:
@@ -258,16 +267,9 @@ class Coordinator:
             revoked = engine.leases.take_revocation(client)
             lease = Lease(phase.name, frozenset(needed), prio, phase.ttl_s)
             engine.leases.hold(client, lease)
-            engine.note(
-                ev.PhaseEntered(
-                    data={
-                        "client": client,
-                        "phase": phase.name,
-                        "services": needed,
-                        "priority": prio,
-                    }
-                )
-            )
+            if not phase.quiet:
+                data = {"client": client, "phase": phase.name, "services": needed}
+                engine.note(ev.PhaseEntered(data={**data, "priority": prio}))
             now = engine.clock.monotonic()
             for n in needed:
                 engine.slots[n].touch(now)
@@ -345,12 +347,15 @@ class Coordinator:
         with self._engine.cond:
             self._engine.note(ev.ProxiedRequest(data=data))
 
-    def end_client(self, client: str) -> None:
+    def end_client(self, client: str, quiet: bool = False) -> None:
         """``client`` is gone for good (e.g. one proxied request): drop its lease, any
         note of its revocation and its request lock, so that a daemon serving millions
-        of one-off clients keeps nothing of them."""
-        self.release(client)
+        of one-off clients keeps nothing of them. ``quiet``: no ``LeaseReleased``."""
         with self._engine.cond:
+            lease = self._engine.leases.drop(client)
+            if lease is not None and not quiet:
+                self._engine.note(ev.LeaseReleased(data={"client": client, "phase": lease.phase}))
+            self._engine.cond.notify_all()
             self._engine.leases.take_revocation(client)
             lock = self._client_locks.get(client)
             if lock is not None and not lock.locked():
