@@ -56,6 +56,17 @@ def make_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
     # Imported here: building the app (e.g. for its OpenAPI document) needs no uvicorn.
     import uvicorn
 
+    from gpusm.api.app import state_of
+    from gpusm.api.stream import close_streams
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # An event stream never ends by itself, and uvicorn waits for every open
+            # response before it stops: end the streams first.
+            if getattr(app.state, "gpusm", None) is not None:
+                close_streams(state_of(app))
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(
         app,
         log_level=log_level,
@@ -63,7 +74,7 @@ def make_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-    return uvicorn.Server(config)
+    return _Server(config)
 
 
 def bound_port(sock: socket.socket) -> int:

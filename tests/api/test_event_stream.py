@@ -460,3 +460,25 @@ def test_events_follow_reads_the_daemons_stream(
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("#7  ")
     assert "coordinator  v7  LeaseReleased" in result.stdout
+
+
+def test_stopping_the_daemon_ends_open_streams_at_once(
+    serve: Callable[..., ThreadedServer], tmp_path: Path
+) -> None:
+    server = serve(write_config(tmp_path, seed_config(tmp_path)))
+    opened = threading.Event()
+
+    def follow() -> None:
+        with httpx.stream("GET", f"{server.url}/gpu/events/stream", timeout=30) as answer:
+            opened.set()
+            for _ in answer.iter_lines():
+                pass
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    assert opened.wait(10)
+    began = time.monotonic()
+    server.stop()
+    assert time.monotonic() - began < 5  # not uvicorn's 10 s graceful timeout
+    reader.join(10)
+    assert not reader.is_alive()
