@@ -37,6 +37,7 @@ FIGURES: dict[str, str] = {
     "8": "benchmarks.busy_host",
     "9": "benchmarks.parking",
     "10": "benchmarks.placement",
+    "11": "benchmarks.proxy",
 }
 
 
