@@ -261,7 +261,9 @@ class Coordinator:
         deadline = t0 + budget
         with engine.decision():
             self._admission.check_open()
-            free_before = engine.free_mib(self._device_of(needed))
+            # A quiet (proxied) request on the hot path reads no GPU for numbers nobody
+            # logs: admission reads it when something must start.
+            free_before = None if phase.quiet else engine.free_mib(self._device_of(needed))
             ready = all(engine.slots[n].state is State.HEALTHY for n in needed)
             prio = policy.request_priority(needed, engine.views(), priority)
             revoked = engine.leases.take_revocation(client)
@@ -293,7 +295,9 @@ class Coordinator:
                 engine.leases.hold(client, lease)
         # Already in place and nothing stopped: this request changed nothing on the GPU.
         unchanged = ready and not started and not stops
-        free_after = free_before if unchanged else engine.free_mib(self._device_of(needed))
+        free_after = (
+            free_before if unchanged or phase.quiet else engine.free_mib(self._device_of(needed))
+        )
         prefetching: tuple[str, ...] = ()
         upcoming = self._next_gpu_phase(phase.name) if phase.pipelined else None
         if upcoming is not None:
