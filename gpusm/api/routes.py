@@ -321,8 +321,10 @@ def _query_routes(router: APIRouter, state: ApiState, coord: Any) -> None:
     )
     def events(
         coord: Coord,
-        service: Annotated[str | None, Query(max_length=200)] = None,
-        type: Annotated[list[str] | None, Query(max_length=50)] = None,
+        # Not nullable in the spec: a query value is always text, and a spec that allows
+        # null makes a fuzzer expect "true" (a "boolean") to be refused.
+        type: Annotated[list[str], Query(max_length=50, default_factory=list)],
+        service: Annotated[str, Query(max_length=200)] = "",
         since: Annotated[str | None, Query(max_length=64, json_schema_extra=_TIME)] = None,
         until: Annotated[str | None, Query(max_length=64, json_schema_extra=_TIME)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -330,8 +332,8 @@ def _query_routes(router: APIRouter, state: ApiState, coord: Any) -> None:
     ) -> Response:
         """Events oldest first after ``after_seq``; ``next_after_seq`` pages on (null: no more)."""
         query = EventQuery(
-            stream=service,
-            types=type,
+            stream=service or None,
+            types=type or None,
             since=_utc(since, "since"),
             until=_utc(until, "until"),
             after_seq=after_seq,
