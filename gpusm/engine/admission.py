@@ -219,10 +219,19 @@ class Admission:
         a prefetch's (see ``PrefetchLimits``).
         """
         engine = self.engine
-        plan_on = partial(
+        planner = partial(
             self._plan_on, client=client, prio=prio, requester=requester,
             uses=self.next_uses(phase), limits=limits,
         )  # fmt: skip
+        # The final plan of a device is often one already made while placing: made once.
+        made: dict[tuple[int, tuple[str, ...]], policy.Plan] = {}
+
+        def plan_on(device: int, on_device: Sequence[str]) -> policy.Plan:
+            key = (device, tuple(on_device))
+            if key not in made:
+                made[key] = planner(device, on_device)
+            return made[key]
+
         placed: dict[str, tuple[int, ...]] = {
             n: engine.slots[n].placed for n in names if engine.slots[n].state in ACTIVE_STATES
         }
@@ -257,13 +266,9 @@ class Admission:
     ) -> policy.Plan:
         engine = self.engine
         gpu, _, _ = engine.gpu_view(device)
-        views = engine.views(device, uses)
-        for n in names:
-            if n not in views:  # placed here for this plan, though not allowed or active
-                views[n] = engine.views(None, uses)[n]
         return policy.plan_admission(
             names,
-            views,
+            engine.views(device, uses),
             engine.other_leases(client),
             gpu,
             prio,

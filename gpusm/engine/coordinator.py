@@ -459,6 +459,8 @@ class Coordinator:
             usage: dict[str, int] = {}
             devices = tuple(_device_status(engine, d, usage) for d in engine.devices())
             now = engine.clock.monotonic()
+            # What admission counts each as holding (a parked one: its residual).
+            views = engine.views()
             services = tuple(
                 ServiceStatus(
                     name=s.name,
@@ -468,7 +470,7 @@ class Coordinator:
                     devices=s.placed,
                     priority=s.config.priority,
                     vram_mib=s.config.vram_mib,
-                    reservation_mib=s.reserved_mib,
+                    reservation_mib=views[s.name].reservation,
                     used_mib=usage.get(s.name, 0),
                     pid=s.handle.pid if s.handle else None,
                     container_id=s.handle.container_id if s.handle else None,

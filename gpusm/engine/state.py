@@ -108,13 +108,6 @@ class Slot:
         return self.placed[0]
 
     @property
-    def reserved_mib(self) -> int:
-        """What admission counts it as holding now: its residual while parked."""
-        if self.state is State.PARKED and self.residual_mib is not None:
-            return min(self.residual_mib, self.reservation)
-        return self.reservation
-
-    @property
     def parking(self) -> ParkSteps | None:
         """How it parks and wakes (None: it cannot), resolved once per config."""
         if self._steps is None or self._steps[0] is not self.config:

@@ -20,8 +20,6 @@ __all__ = ["SWEEP_INTERVAL_S", "sweep"]
 # Seconds between two sweeps: a full process-table walk, so rarely.
 SWEEP_INTERVAL_S = 10.0
 
-_UNSETTLED = SETTLING_STATES
-
 
 def sweep(engine: Engine) -> list[str]:
     """Reap every marked instance that is not a service's running instance; what it did."""
@@ -39,7 +37,7 @@ def sweep(engine: Engine) -> list[str]:
             # yet), or it is the running instance: not an orphan.
             if slot is not None and (
                 slot.busy
-                or slot.state in _UNSETTLED
+                or slot.state in SETTLING_STATES
                 or (slot.handle is not None and slot.handle.instance == handle.instance)
             ):
                 continue
