@@ -51,9 +51,7 @@ from benchmarks.common import (
     wait_http_ok,
     write_config,
 )
-from benchmarks.pipeline import LAG_S as PIPE_LAG_S
-from benchmarks.pipeline import PIPELINE, SERVICES, WORK_S
-from benchmarks.pipeline import STOP_S as PIPE_STOP_S
+from benchmarks.pipeline import PIPELINE, SERVICES, WORK_S, base_doc
 from benchmarks.standalone import driver
 from gpusm import Coordinator
 from gpusm.domain.events import RecordedEvent
@@ -283,35 +281,15 @@ def _measure_switches(ctx: Ctx, load_s: float, wake_s: float, rounds: int) -> li
 def pipeline_doc(folder: Path, scale: float, park: bool, release: bool = False) -> dict[str, Any]:
     """Figure 6's config with the fakes' wake options; ``park``: the presets on;
     ``release``: crawl and render release the GPU (the plan's own phases)."""
-    services: dict[str, Any] = {}
-    for name, (vram, prio, load) in SERVICES.items():
-        load_s = round(load * scale, 3)
-        entry = fake_service_entry(vram, prio, load_s, PIPE_STOP_S * scale, free_port())
+    doc = base_doc(folder, scale, release=release, pipelined=True)
+    for name, (_, _, load) in SERVICES.items():
+        entry = doc["services"][name]
         wake_s = round(load * WAKE_FRACTION * scale, 3)
         async_free = round(ASYNC_FREE_S * scale, 3) if name == "comfyui" else 0.0
         entry["command"] += _fake_extra(wake_s, RESIDUAL_MIB, async_free)
         if park and name in PRESETS:
             entry["park"] = {"preset": PRESETS[name]}
-        services[name] = entry
-    return {
-        "state_dir": str(folder / "state"),
-        "gpu": {
-            "backend": "sim",
-            "reserve_mib": 0,
-            "settle_timeout_s": 10,
-            "sim": {"total_mib": 24576, "reclaim_lag_s": PIPE_LAG_S * scale},
-        },
-        "services": services,
-        "phases": {
-            "crawl": {"services": [], "release": release},
-            "analysis": ["vidi"],
-            "tts": ["cosyvoice"],
-            "video": ["comfyui"],
-            "render": {"services": [], "release": release},
-            "chat": ["ollama"],
-        },
-        "pipeline": PIPELINE,
-    }
+    return doc
 
 
 def _prompt(client: httpx.Client, url: str, timeout_s: float = 60.0) -> float:

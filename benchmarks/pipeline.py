@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
@@ -64,8 +65,9 @@ GOAL_VS_EAGER = 0.7
 GOAL_VS_BOUND = 1.3
 
 
-def _doc(ctx: Ctx, name: str, scale: float, eager: bool) -> dict[str, Any]:
-    folder = ctx.folder(f"pipeline-{name}")
+def base_doc(folder: Path, scale: float, *, release: bool, pipelined: bool) -> dict[str, Any]:
+    """The figure's config: its services as fakes on a 24 GiB sim, its phases (crawl and
+    render releasing the GPU when ``release``), and ``pipeline:`` when ``pipelined``."""
     services = {
         n: fake_service_entry(vram, prio, round(load * scale, 3), STOP_S * scale, free_port())
         for n, (vram, prio, load) in SERVICES.items()
@@ -80,16 +82,22 @@ def _doc(ctx: Ctx, name: str, scale: float, eager: bool) -> dict[str, Any]:
         },
         "services": services,
         "phases": {
-            "crawl": {"services": [], "release": eager},
+            "crawl": {"services": [], "release": release},
             "analysis": ["vidi"],
             "tts": ["cosyvoice"],
             "video": ["comfyui"],
-            "render": {"services": [], "release": eager},
+            "render": {"services": [], "release": release},
             "chat": ["ollama"],
         },
     }
-    if not eager:
+    if pipelined:
         doc["pipeline"] = PIPELINE
+    return doc
+
+
+def _doc(ctx: Ctx, name: str, scale: float, eager: bool) -> dict[str, Any]:
+    folder = ctx.folder(f"pipeline-{name}")
+    doc = base_doc(folder, scale, release=eager, pipelined=not eager)
     doc["_folder"] = folder
     return doc
 
