@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from gpusm.errors import ConfigError
+from gpusm.notify_config import Webhooks
 from gpusm.park_config import ParkConfig, ParkSteps
 
 __all__ = [
@@ -399,6 +400,8 @@ class Config(_Strict):
     # Model name (or glob) -> the service that serves it, for the proxy's /v1 and /api.
     models: dict[str, str] = {}
     proxy: ProxyConfig = ProxyConfig()
+    # Webhooks: signed POSTs of chosen events, from the log, at least once (notify_config).
+    notify: Webhooks = []
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
@@ -572,6 +575,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             "gpu": config.gpu.model_copy(update={"sim": sim}),
             "services": services,
             "api": config.api.model_copy(update={"token_file": token_file}),
+            "notify": [hook.resolved(base) for hook in config.notify],
         }
     )
 

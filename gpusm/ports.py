@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CallResult",
     "Clock",
+    "CursorStore",
     "DeviceSnapshot",
     "EventQuery",
     "EventStore",
@@ -28,10 +29,12 @@ __all__ = [
     "HealthCheck",
     "Placement",
     "HealthResult",
+    "Notifier",
     "Runtime",
     "ServiceControl",
     "StopResult",
     "StreamHead",
+    "WebhookStatus",
 ]
 
 
@@ -319,4 +322,67 @@ class ServiceControl(Protocol):
 
     def close(self) -> None:
         """Release connections; idempotent."""
+        ...
+
+
+# ---------------------------------------------------------------- webhooks
+class CursorStore(Protocol):
+    """Where each webhook's delivery cursor (the last ``seq`` it acknowledged) persists."""
+
+    def seed(self, name: str, seq: int) -> int:
+        """The cursor of ``name``, created at ``seq`` first if it has none."""
+        ...
+
+    def load(self, name: str) -> int | None:
+        """The cursor of ``name``, or None if it has none."""
+        ...
+
+    def save(self, name: str, seq: int) -> None:
+        """Set the cursor of ``name`` to ``seq`` (durably, before returning)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; idempotent."""
+        ...
+
+
+@dataclass(frozen=True)
+class WebhookStatus:
+    """How one webhook's deliveries stand (never its secret).
+
+    ``cursor_seq`` is the last event it acknowledged, ``newest_seq`` the newest event in
+    the log it should get, ``pending`` how many of its events wait; the counts are since
+    the daemon started.
+    """
+
+    name: str
+    url: str
+    events: tuple[str, ...]
+    cursor_seq: int
+    newest_seq: int
+    pending: int
+    delivered_events: int = 0
+    deliveries_ok: int = 0
+    deliveries_failed: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    # UTC ISO-8601 of the last acknowledged POST, if any since the daemon started.
+    last_success_at: str | None = None
+    # Seconds until the next try after a failure (None: not waiting on a failure).
+    next_attempt_in_s: float | None = None
+
+
+class Notifier(Protocol):
+    """Delivers events from the log to the configured webhooks, in the background."""
+
+    def start(self) -> None:
+        """Begin delivering (idempotent)."""
+        ...
+
+    def status(self) -> list[WebhookStatus]:
+        """Each webhook's delivery state, in config order."""
+        ...
+
+    def close(self) -> None:
+        """Stop delivering (promptly; an unacknowledged POST is sent again next time)."""
         ...

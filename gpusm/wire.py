@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -87,6 +87,7 @@ from gpusm.errors import (
     UnknownName,
     VramNotReclaimed,
 )
+from gpusm.ports import WebhookStatus
 from gpusm.results import PhaseResult, ReloadResult, ServiceStatus, Status, StopNote
 
 __all__ = [
@@ -94,6 +95,7 @@ __all__ = [
     "PROBLEM_MEDIA_TYPE",
     "SHAPES",
     "TOKEN_ENV",
+    "DaemonStatus",
     "EventPage",
     "Health",
     "Listen",
@@ -102,6 +104,7 @@ __all__ = [
     "Released",
     "Renewed",
     "ReleasedAll",
+    "WebhookDelivery",
     "error_from_problem",
     "from_json",
     "parse_listen",
@@ -111,6 +114,7 @@ __all__ = [
     "read_token",
     "read_token_file",
     "to_json",
+    "webhook_body",
 ]
 
 T = TypeVar("T")
@@ -160,6 +164,28 @@ class EventPage:
 
     events: tuple[RecordedEvent, ...]
     next_after_seq: int | None
+
+
+@dataclass(frozen=True)
+class DaemonStatus(Status):
+    """``GET /gpu/status`` of the daemon: :class:`~gpusm.results.Status` plus how each
+    webhook's deliveries stand (``notify:``; never a secret)."""
+
+    webhooks: tuple[WebhookStatus, ...] = ()
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """The JSON body of one webhook POST: events in ``seq`` order, shaped as in
+    :class:`EventPage`."""
+
+    webhook: str
+    events: tuple[RecordedEvent, ...]
+
+
+def webhook_body(webhook: str, events: Sequence[RecordedEvent]) -> bytes:
+    """The body of a webhook POST of ``events`` (see :class:`WebhookDelivery`)."""
+    return to_json(WebhookDelivery(webhook, tuple(events)))
 
 
 # Every type an answer of the API has (besides problems and /metrics' text).

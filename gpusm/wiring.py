@@ -6,6 +6,7 @@ the API, the demo and ``Coordinator.from_config`` all ask here:
 - :func:`open_coordinator`: lock the state directory, build the engine, recover;
 - :func:`open_store` / :func:`upgrade_store` / :func:`store_revision`: the event log;
 - :func:`build_probe`, :func:`build_runtimes` (through :data:`RUNTIMES`);
+- :func:`open_notifier`: the webhooks of ``notify:`` (their cursors seeded, not started);
 - the simulated GPU and its fake model server, for the demo and ``gpusm sim``.
 
 Adding a runtime kind is one adapter module and one entry in :data:`RUNTIMES`.
@@ -27,7 +28,7 @@ from gpusm.gpu.fake_server import EXIT_DEVICE, EXIT_OOM, FakeServerOptions, run_
 from gpusm.gpu.sim import SimGpu
 from gpusm.health import Health, HttpControl
 from gpusm.lock import StateDirLock
-from gpusm.ports import Clock, EventStore, GpuProbe, Runtime
+from gpusm.ports import Clock, EventStore, GpuProbe, Notifier, Runtime
 
 __all__ = [
     "DEPLOYMENT_ENV",
@@ -43,6 +44,7 @@ __all__ = [
     "build_runtimes",
     "deployment_id",
     "open_coordinator",
+    "open_notifier",
     "open_runtime",
     "open_sim",
     "open_sim_devices",
@@ -89,6 +91,51 @@ def store_revision(config: Config) -> str:
         return str(store.settings()["schema_revision"])
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- webhooks
+def open_notifier(config: Config, *, poll_s: float = 0.2) -> Notifier | None:
+    """The webhooks of ``config.notify`` with their cursors loaded (a new webhook's set
+    after the newest event now), not yet delivering; None if there are none. ConfigError
+    if a secret file cannot be read."""
+    if not config.notify:
+        return None
+    from gpusm.notify import HttpSender, WebhookNotifier, WebhookWorker
+    from gpusm.store.cursors import SqlCursorStore
+    from gpusm.store.sql import SqlEventStore
+    from gpusm.wire import webhook_body
+
+    source = str(config.source or "<config>")
+    secrets = [hook.read_secret(source, i) for i, hook in enumerate(config.notify)]
+    store = SqlEventStore(config.database_url)
+    cursors = SqlCursorStore(config.database_url)
+    senders = [HttpSender(hook.timeout_s) for hook in config.notify]
+
+    def close() -> None:
+        for sender in senders:
+            sender.close()
+        cursors.close()
+        store.close()
+
+    workers = [
+        WebhookWorker(
+            hook,
+            secret,
+            store=store,
+            cursors=cursors,
+            sender=sender,
+            encode=webhook_body,
+            poll_s=poll_s,
+        )
+        for hook, secret, sender in zip(config.notify, secrets, senders, strict=True)
+    ]
+    notifier = WebhookNotifier(workers, on_close=close)
+    try:
+        notifier.seed()
+    except BaseException:
+        notifier.close()
+        raise
+    return notifier
 
 
 # ---------------------------------------------------------------- GPU

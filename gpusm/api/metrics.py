@@ -4,12 +4,14 @@ Gauges are read from ``Coordinator.status()`` at scrape time. Counters and histo
 are folded from the event log: each scrape reads the events after the last one it saw
 (by ``seq``), so they count the whole log, across daemon restarts, and nothing is lost
 between scrapes. Phase-switch times and refused requests are observed by the API itself.
+Webhook families are read from the notifier's status at scrape time (counts since the
+daemon started).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,7 +20,7 @@ from gpusm.domain.events import COORDINATOR_STREAM, RecordedEvent
 from gpusm.domain.states import State
 from gpusm.engine.coordinator import Coordinator
 from gpusm.errors import GpusmError
-from gpusm.ports import EventQuery
+from gpusm.ports import EventQuery, WebhookStatus
 from gpusm.results import PhaseResult
 
 __all__ = ["METRIC_NAMES", "Metrics"]
@@ -53,6 +55,10 @@ METRIC_NAMES = (
     "gpusm_proxy_requests",
     "gpusm_proxy_wait_seconds",
     "gpusm_proxy_inflight",
+    "gpusm_webhook_deliveries",
+    "gpusm_webhook_events_delivered",
+    "gpusm_webhook_pending_events",
+    "gpusm_webhook_consecutive_failures",
 )
 
 
@@ -124,6 +130,48 @@ class _Live:
         yield from (reservation, used, state, ooms)
 
 
+class _Webhooks:
+    """A collector of each webhook's delivery counts, read at each scrape."""
+
+    def __init__(self, webhooks: Callable[[], Sequence[WebhookStatus]]) -> None:
+        self._webhooks = webhooks
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(()))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self._webhooks()))
+
+    def _families(self, hooks: Sequence[WebhookStatus]) -> Iterator[Metric]:
+        deliveries = CounterMetricFamily(
+            "gpusm_webhook_deliveries",
+            "Webhook POSTs since the daemon started, by result (ok: 2xx; failed: retried)",
+            labels=["webhook", "result"],
+        )
+        delivered = CounterMetricFamily(
+            "gpusm_webhook_events_delivered",
+            "Events acknowledged by each webhook's receiver since the daemon started",
+            labels=["webhook"],
+        )
+        pending = GaugeMetricFamily(
+            "gpusm_webhook_pending_events",
+            "Events in the log that each webhook has yet to deliver (its lag)",
+            labels=["webhook"],
+        )
+        failures = GaugeMetricFamily(
+            "gpusm_webhook_consecutive_failures",
+            "Failed POSTs in a row (0 once a delivery succeeds)",
+            labels=["webhook"],
+        )
+        for hook in hooks:
+            deliveries.add_metric([hook.name, "ok"], hook.deliveries_ok)
+            deliveries.add_metric([hook.name, "failed"], hook.deliveries_failed)
+            delivered.add_metric([hook.name], hook.delivered_events)
+            pending.add_metric([hook.name], hook.pending)
+            failures.add_metric([hook.name], hook.consecutive_failures)
+        yield from (deliveries, delivered, pending, failures)
+
+
 def _oom_count(coordinator: Coordinator) -> int:
     try:
         return coordinator.oom_count() or 0
@@ -134,12 +182,17 @@ def _oom_count(coordinator: Coordinator) -> int:
 class Metrics:
     """The metrics of one app: call :meth:`render` to scrape (thread-safe)."""
 
-    def __init__(self, coordinator: Callable[[], Coordinator | None]) -> None:
+    def __init__(
+        self,
+        coordinator: Callable[[], Coordinator | None],
+        webhooks: Callable[[], Sequence[WebhookStatus]] = tuple,
+    ) -> None:
         self._coordinator = coordinator
         self._lock = threading.Lock()
         self._after_seq = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Live(coordinator))
+        self.registry.register(_Webhooks(webhooks))
         reg = self.registry
         self.transitions = Counter(
             "gpusm_transitions", "Service events recorded, by type", ["type"], registry=reg

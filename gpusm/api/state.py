@@ -3,7 +3,9 @@
 Recovery (:func:`gpusm.wiring.open_coordinator`: lock, replay, observe, reconcile) runs in a
 background thread started by the app's lifespan, so the port is answering (503 with
 ``Retry-After``) while it runs. If it fails, :attr:`ApiState.error` says why and
-``on_fatal`` is called (``gpusm serve`` then shuts the server down).
+``on_fatal`` is called (``gpusm serve`` then shuts the server down). The webhooks of
+``notify:`` have their cursors loaded before recovery (so a new webhook also gets what
+recovery records) and start delivering once it has finished.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from gpusm.api.problems import HttpProblem
 from gpusm.config import Config
 from gpusm.engine.coordinator import Coordinator
 from gpusm.errors import GpusmError, ReloadRefused
+from gpusm.ports import Notifier, WebhookStatus
 from gpusm.results import ReloadResult
-from gpusm.wire import to_json
+from gpusm.wire import DaemonStatus, to_json
 
 __all__ = ["ApiState", "CoordinatorFactory"]
 
@@ -30,14 +33,21 @@ CoordinatorFactory = Callable[[Config], Coordinator]
 _log = logging.getLogger("gpusm.api")
 
 
-def _status_json(coordinator: Coordinator) -> bytes:
-    return to_json(coordinator.status())
+def _status_json(coordinator: Coordinator, webhooks: Callable[[], list[WebhookStatus]]) -> bytes:
+    status = coordinator.status()
+    return to_json(DaemonStatus(**vars(status), webhooks=tuple(webhooks())))
 
 
 def _default_factory(config: Config) -> Coordinator:
     from gpusm.wiring import open_coordinator
 
     return open_coordinator(config)
+
+
+def _open_notifier(config: Config) -> Notifier | None:
+    from gpusm.wiring import open_notifier
+
+    return open_notifier(config)
 
 
 class ApiState:
@@ -55,8 +65,9 @@ class ApiState:
         self.config = config
         self.token = token
         self.coordinator: Coordinator | None = None
+        self.notifier: Notifier | None = None
         self.error: BaseException | None = None
-        self.metrics = Metrics(lambda: self.coordinator)
+        self.metrics = Metrics(lambda: self.coordinator, webhooks=self.webhooks)
         self._factory = factory or _default_factory
         self._on_fatal = on_fatal
         self._stop_services = stop_services_on_exit
@@ -83,11 +94,18 @@ class ApiState:
         """
         task = self._status_task
         if task is None:
-            task = asyncio.ensure_future(anyio.to_thread.run_sync(_status_json, coordinator))
+            task = asyncio.ensure_future(
+                anyio.to_thread.run_sync(_status_json, coordinator, self.webhooks)
+            )
             self._status_task = task
             task.add_done_callback(self._status_done)
         # shield: a reader that hangs up must not cancel the others' answer.
         return await asyncio.shield(task)
+
+    def webhooks(self) -> list[WebhookStatus]:
+        """How each webhook's deliveries stand ([] without ``notify:`` or before recovery)."""
+        notifier = self.notifier
+        return [] if notifier is None else notifier.status()
 
     def _status_done(self, task: asyncio.Future[bytes]) -> None:
         if self._status_task is task:
@@ -128,15 +146,22 @@ class ApiState:
             self._thread.start()
 
     def _recover(self) -> None:
+        notifier: Notifier | None = None
         try:
+            notifier = _open_notifier(self.config)
             coordinator = self._factory(self.config)
         except BaseException as exc:
+            if notifier is not None:
+                notifier.close()
             self.error = exc
             if not isinstance(exc, GpusmError):
                 _log.exception("recovery failed")
             if self._on_fatal is not None:
                 self._on_fatal(exc)
             return
+        if notifier is not None:
+            notifier.start()
+        self.notifier = notifier
         self.coordinator = coordinator
 
     def close(self) -> None:
@@ -145,6 +170,9 @@ class ApiState:
             # Recovery cannot be interrupted halfway; its coordinator is closed below.
             self._thread.join()
         self._closing = True
+        notifier = self.notifier
+        if notifier is not None:
+            notifier.close()
         coordinator, self.coordinator = self.coordinator, None
         if coordinator is not None:
             # Closing is best effort: the log already holds everything that happened.

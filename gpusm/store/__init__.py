@@ -1,4 +1,7 @@
-"""Event stores: SQLite for real use, memory for tests; both satisfy ``gpusm.ports.EventStore``."""
+"""Event stores: SQLite for real use, memory for tests; both satisfy ``gpusm.ports.EventStore``.
+
+Webhook cursors (``gpusm.ports.CursorStore``) live in :mod:`gpusm.store.cursors`.
+"""
 
 from gpusm.store.memory import MemoryEventStore
 from gpusm.store.sql import SqlEventStore, upgrade

@@ -4,6 +4,7 @@
 number is never reused), ``UNIQUE(stream, version)`` is the optimistic-concurrency
 guard. ``stream_heads`` is a projection updated in the same transaction as every
 append, so reading every stream's latest version and state never scans the log.
+``webhook_cursors`` holds, per webhook, the last ``seq`` its receiver acknowledged.
 
 Times are stored as fixed-width UTC ISO-8601 text with microseconds
 (``2026-01-31T12:00:00.000000+00:00``), so text order is time order and a
@@ -54,10 +55,11 @@ __all__ = [
     "migrate",
     "read_revision",
     "stream_heads",
+    "webhook_cursors",
 ]
 
 # The Alembic revision this code's tables correspond to (the newest in migrations/).
-SCHEMA_REVISION: Final = "0001"
+SCHEMA_REVISION: Final = "0002"
 
 
 def _find_migrations() -> Path:
@@ -110,6 +112,16 @@ stream_heads = Table(
     Column("state", Text, nullable=True),
     Column("last_seq", Integer, nullable=False),
     Column("at", Text, nullable=False),
+)
+
+webhook_cursors = Table(
+    "webhook_cursors",
+    metadata,
+    # The webhook's name (``notify[].name``, else its URL without credentials or query).
+    Column("name", Text, primary_key=True),
+    # The last event seq the receiver acknowledged (2xx); delivery resumes after it.
+    Column("seq", Integer, nullable=False),
+    Column("updated_at", Text, nullable=False),
 )
 
 

@@ -16,6 +16,7 @@ from gpusm.domain.events import NewEvent
 from gpusm.errors import ConcurrencyConflict, StoreError
 from gpusm.ports import EventQuery
 from gpusm.store import SqlEventStore
+from gpusm.store.schema import SCHEMA_REVISION
 from tests.store.store_children import Children
 
 T0 = datetime(2026, 1, 31, tzinfo=UTC)
@@ -47,7 +48,7 @@ def test_runs_in_wal_mode_with_full_sync_and_a_busy_timeout(url: str, store: Sql
         "journal_mode": "wal",
         "synchronous": "FULL",
         "busy_timeout_ms": 5000,
-        "schema_revision": "0001",
+        "schema_revision": SCHEMA_REVISION,
     }
     # WAL is a property of the file: a plain connection sees it too.
     raw = sqlite3.connect(url.removeprefix("sqlite:///"))

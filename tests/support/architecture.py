@@ -27,6 +27,8 @@ __all__ = ["LAYERS", "LIBRARIES", "NARROW", "Import", "Violation", "check_tree",
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bottom", ("gpusm.errors", "gpusm.version", "gpusm.clock", "gpusm.crashpoints")),
     ("model", ("gpusm.domain.*", "gpusm.results", "gpusm.park_config")),
+    # Config models that check names against the domain (e.g. event types).
+    ("config models", ("gpusm.notify_config",)),
     ("config", ("gpusm.config",)),
     ("ports", ("gpusm.ports", "gpusm.procs", "gpusm.lock")),
     (
@@ -50,7 +52,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # Packages that may import less than their layer allows: importer pattern -> allowed.
 NARROW: dict[str, tuple[str, ...]] = {
     "gpusm.domain.*": ("gpusm.domain.*", "gpusm.errors"),
-    "gpusm.ports": ("gpusm.domain.*", "gpusm.config", "gpusm.park_config", "gpusm.errors"),
+    "gpusm.ports": (
+        "gpusm.domain.*",
+        "gpusm.config",
+        "gpusm.park_config",
+        "gpusm.notify_config",
+        "gpusm.errors",
+    ),
     "gpusm.engine.*": (
         "gpusm.engine.*",
         "gpusm.ports",
@@ -80,7 +88,13 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
     "typer": ("gpusm.cli.*",),
     "rich": ("gpusm.cli.*",),
     "yaml": ("gpusm.config",),
-    "pydantic": ("gpusm.config", "gpusm.park_config", "gpusm.wire", "gpusm.api.*"),
+    "pydantic": (
+        "gpusm.config",
+        "gpusm.park_config",
+        "gpusm.notify_config",
+        "gpusm.wire",
+        "gpusm.api.*",
+    ),
     "httpx": ("gpusm.health.*", "gpusm.client", "gpusm.api.proxy*", "gpusm.notify.*"),
 }
 
