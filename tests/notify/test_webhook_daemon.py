@@ -162,3 +162,19 @@ def test_kill_9_mid_delivery_loses_nothing_and_resends_only_the_unacknowledged_b
     assert twice == dict.fromkeys(held, 2), "only the batch in flight was sent again"
     assert all(d.signed for d in receiver.deliveries)
     print(f"\n{len(first_seen)} events delivered, {duplicates} duplicates (batch {held})")
+
+
+def test_serve_refuses_a_missing_secret_with_one_clear_line(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path = hooked_config(tmp_path, receiver)
+    (tmp_path / "hook.secret").unlink()
+    daemon = Daemon(path, daemon_url(load_config(path).api.listen), TOKEN)
+    try:
+        daemon.proc.wait(60)
+    finally:
+        daemon.stop()
+    log = daemon.log.read_text()
+    assert daemon.proc.returncode != 0
+    assert "notify[0].secret_file: cannot read the webhook secret" in log
+    assert "Traceback" not in log
