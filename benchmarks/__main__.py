@@ -38,6 +38,7 @@ FIGURES: dict[str, str] = {
     "9": "benchmarks.parking",
     "10": "benchmarks.placement",
     "11": "benchmarks.proxy",
+    "12": "benchmarks.sse_fanout",
 }
 
 

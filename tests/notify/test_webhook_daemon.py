@@ -77,6 +77,7 @@ def test_a_failing_receiver_shows_in_status_and_metrics_until_it_recovers(
                 return hooks[0] if hooks and hooks[0]["consecutive_failures"] >= 2 else None
 
             hook = eventually(failing, 20, "the webhook's failures in /gpu/status")
+            assert hook is not None
             assert hook["name"] == "ops"
             assert hook["url"] == receiver.url
             assert hook["events"] == ["*"]
@@ -99,6 +100,7 @@ def test_a_failing_receiver_shows_in_status_and_metrics_until_it_recovers(
                 return hook if hook["pending"] == 0 and hook["cursor_seq"] >= 2 else None
 
             hook = eventually(caught_up, 20, "the webhook to catch up")
+            assert hook is not None
             assert (hook["consecutive_failures"], hook["next_attempt_in_s"]) == (0, None)
             assert hook["last_success_at"] is not None
             text = http.get("/metrics").text
