@@ -31,6 +31,7 @@ from gpusm.api.proxy import build_proxy_router
 from gpusm.api.routes import build_router
 from gpusm.api.security import HostGuard
 from gpusm.api.state import ApiState, CoordinatorFactory
+from gpusm.api.ui import build_ui_router
 from gpusm.config import Config
 from gpusm.errors import GpusmError
 from gpusm.version import VERSION as __version__
@@ -204,6 +205,7 @@ def create_app(
     app = FastAPI(title="gpusm", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
     app.state.gpusm = state
     app.include_router(build_router(state))
+    app.include_router(build_ui_router(state))  # /ui, /gpu/timeline
     # After the daemon's own routes: /v1 and /api never shadow them.
     app.include_router(build_proxy_router(state))
     _install_handlers(app, state)

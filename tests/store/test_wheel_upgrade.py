@@ -307,3 +307,18 @@ def test_db_upgrade_from_the_wheel_builds_an_empty_database_through_alembic(
     )
     assert current.returncode == 0, current.stdout + current.stderr
     assert f"schema revision {HEAD} (newest)" in current.stdout
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_dashboard_files(wheel_venv: tuple[Path, Path]) -> None:
+    wheel, _ = wheel_venv
+    names = set(zipfile.ZipFile(wheel).namelist())
+    static = [
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "gpusm" / "api" / "static").rglob("*")
+        if p.is_file()
+    ]
+    assert "gpusm/api/static/index.html" in static
+    assert "gpusm/api/static/vendor/uplot-1.6.32/LICENSE" in static
+    missing = [s for s in static if s not in names]
+    assert not missing, f"the wheel lacks dashboard files (pyproject package-data): {missing}"
