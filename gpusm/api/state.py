@@ -129,13 +129,30 @@ class ApiState:
 
     def reload(self, by: str) -> ReloadResult:
         """Read the config file again and apply it (see ``Coordinator.reload``); the API's
-        own settings (e.g. ``api.lease_ttl_s``) follow. ReloadRefused while recovering."""
+        own settings (e.g. ``api.lease_ttl_s``) and the webhooks follow. ReloadRefused while
+        recovering."""
         coordinator = self.coordinator
         if coordinator is None:
             raise ReloadRefused("the daemon is still recovering; reload once it serves")
         result = coordinator.reload(by=by)
-        self.config = coordinator.config
+        previous, self.config = self.config, coordinator.config
+        if self.config.notify != previous.notify:
+            self._replace_notifier()
         return result
+
+    def _replace_notifier(self) -> None:
+        """``notify:`` changed: its new webhooks replace the old (a kept name keeps its
+        cursor). Unreadable secrets leave the old ones running, logged."""
+        try:
+            notifier = _open_notifier(self.config)
+        except GpusmError as exc:
+            _log.error("webhooks left as they were: %s", exc)
+            return
+        old, self.notifier = self.notifier, notifier
+        if old is not None:
+            old.close()
+        if notifier is not None:
+            notifier.start()
 
     def start_recovery(self) -> None:
         """Open the coordinator in a background thread (once)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpusm.api.threaded import ThreadedServer
@@ -180,3 +181,40 @@ def test_serve_refuses_a_missing_secret_with_one_clear_line(
     assert daemon.proc.returncode != 0
     assert "notify[0].secret_file: cannot read the webhook secret" in log
     assert "Traceback" not in log
+
+
+def test_a_reload_replaces_the_webhooks_and_a_kept_name_keeps_its_cursor(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path = hooked_config(tmp_path, receiver, min_backoff_s=0.05, max_backoff_s=0.2)
+    moved = Receiver(SECRET).up()
+    server = ThreadedServer(load_config(path), token=TOKEN, stop_services_on_exit=True)
+    server.start()
+    try:
+        server.wait_recovered()
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
+            http.post("/gpu/phase", json={"phase": "crawl", "client": "w"}).raise_for_status()
+
+            def crawl_delivered() -> bool:
+                types = [e["type"] for d in receiver.accepted() for e in d.events]
+                return "PhaseEntered" in types and server.state.webhooks()[0].pending == 0
+
+            eventually(crawl_delivered, 20, "the crawl phase's delivery")
+            cursor = server.state.webhooks()[0].cursor_seq
+            doc = yaml.safe_load(path.read_text())
+            doc["notify"][0] |= {"url": moved.url, "events": ["PhaseEntered"]}
+            path.write_text(yaml.safe_dump(doc))
+            server.state.reload("test")
+            (hook,) = server.state.webhooks()
+            assert (hook.url, hook.events, hook.cursor_seq) == (
+                moved.url,
+                ("PhaseEntered",),
+                cursor,
+            )
+            http.post("/gpu/phase", json={"phase": "render", "client": "w"}).raise_for_status()
+            eventually(lambda: moved.accepted(), 20, "a delivery to the new URL")
+    finally:
+        server.stop()
+        moved.down()
+    assert [e["type"] for d in moved.accepted() for e in d.events] == ["PhaseEntered"]
+    assert max(receiver.accepted_seqs()) <= cursor
