@@ -10,11 +10,13 @@ give one to keep the cursor when the URL changes.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gpusm.domain.events import EVENT_TYPES
 from gpusm.errors import ConfigError
@@ -70,9 +72,17 @@ class WebhookConfig(BaseModel):
             raise ValueError(f"events is empty; leave it out or use [{ALL_EVENTS!r}] for all")
         unknown = [e for e in events if e != ALL_EVENTS and e not in EVENT_TYPES]
         if unknown:
-            raise ValueError(
-                f"unknown event type {', '.join(map(repr, unknown))}; use {ALL_EVENTS!r} "
-                f"(every type) or any of {', '.join(sorted(EVENT_TYPES))}"
+            close = difflib.get_close_matches(unknown[0], EVENT_TYPES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            # A custom error type: config.py then adds its generic fix, not this text again.
+            raise PydanticCustomError(
+                "unknown_event_type",
+                "unknown event type {names}{hint}; the types are {valid}",
+                {
+                    "names": ", ".join(map(repr, unknown)),
+                    "hint": hint,
+                    "valid": f"{ALL_EVENTS!r} (every type), " + ", ".join(sorted(EVENT_TYPES)),
+                },
             )
         return events
 

@@ -41,7 +41,7 @@ def test_an_unknown_event_type_is_refused_naming_the_key_and_every_valid_name(
     with pytest.raises(ConfigError) as caught:
         parse(tmp_path, events=["Crashed", "Evictd"])
     assert caught.value.key == "notify[0].events"
-    assert "unknown event type 'Evictd'" in str(caught.value)
+    assert "unknown event type 'Evictd' (did you mean 'Evicted'?)" in str(caught.value)
     assert all(name in str(caught.value) for name in EVENT_TYPES)
 
 

@@ -97,6 +97,8 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
         "gpusm.wire",
         "gpusm.api.*",
     ),
+    # pydantic's core, for validation errors with their own type (no generic fix text).
+    "pydantic_core": ("gpusm.notify_config",),
     "httpx": ("gpusm.health.*", "gpusm.client", "gpusm.api.proxy*", "gpusm.notify.*"),
 }
 
