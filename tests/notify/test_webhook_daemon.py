@@ -206,15 +206,13 @@ def test_a_reload_replaces_the_webhooks_and_a_kept_name_keeps_its_cursor(
             path.write_text(yaml.safe_dump(doc))
             server.state.reload("test")
             (hook,) = server.state.webhooks()
-            assert (hook.url, hook.events, hook.cursor_seq) == (
-                moved.url,
-                ("PhaseEntered",),
-                cursor,
-            )
+            assert (hook.url, hook.events) == (moved.url, ("PhaseEntered",))
+            # Kept, not reset (the monitor may have logged and delivered more meanwhile).
+            assert hook.cursor_seq >= cursor
             http.post("/gpu/phase", json={"phase": "render", "client": "w"}).raise_for_status()
             eventually(lambda: moved.accepted(), 20, "a delivery to the new URL")
     finally:
         server.stop()
         moved.down()
     assert [e["type"] for d in moved.accepted() for e in d.events] == ["PhaseEntered"]
-    assert max(receiver.accepted_seqs()) <= cursor
+    assert min(moved.accepted_seqs()) > cursor, "nothing the old URL acknowledged"
