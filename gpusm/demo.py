@@ -3,7 +3,8 @@
 It writes a config into a demo folder (four fake model servers at the plan's sizes and
 priorities, load times scaled down), runs crawl → analysis → tts → video → render for a
 few items through a real :class:`~gpusm.engine.coordinator.Coordinator`, samples the simulated
-GPU the whole time, and returns a summary. The database stays for ``gpusm events``.
+GPU the whole time, writes the run's VRAM timeline (``timeline.html``) and returns a
+summary. The database stays for ``gpusm events``.
 
 With ``devices`` > 1 the simulated GPU has that many devices of the same size, the
 services may run on any (``gpu: auto``, placed by binpack), and the summary keeps each
@@ -17,13 +18,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gpusm.config import to_yaml
+from gpusm.config import Config, to_yaml
+from gpusm.domain.events import RecordedEvent
 from gpusm.engine.coordinator import Coordinator
 from gpusm.ports import EventQuery
 from gpusm.results import PhaseResult
+from gpusm.timeline import build_timeline, render_html
 from gpusm.wiring import open_sims
 
 __all__ = ["DemoSummary", "run_demo", "write_demo_config"]
@@ -139,6 +143,8 @@ class DemoSummary:
     max_reclaim_s: float = 0.0
     wall_s: float = 0.0
     config: Path = Path()
+    # The run's VRAM timeline (a self-contained HTML page), written at its end.
+    timeline: Path = Path()
 
 
 class _Sampler(threading.Thread):
@@ -214,5 +220,17 @@ def run_demo(
         summary.device_total_mib = [sim.total_mib for sim in sims]
         summary.total_mib = sum(summary.device_total_mib)
         summary.ooms = sum(len(sim.ooms()) for sim in sims) - ooms_before
+        summary.timeline = write_timeline(folder, events, coordinator.config, items)
     summary.wall_s = time.monotonic() - began
     return summary
+
+
+def write_timeline(folder: Path, events: list[RecordedEvent], config: Config, items: int) -> Path:
+    """The run's VRAM timeline as ``folder/timeline.html`` (self-contained); its path."""
+    now = datetime.now(UTC)
+    declared = {name: svc.vram_mib for name, svc in config.services.items()}
+    timeline = build_timeline(events, now=now, declared=declared)
+    path = folder / "timeline.html"
+    title = f"gpusm demo: {items} item(s) through {' → '.join(PIPELINE)}"
+    path.write_text(render_html(timeline, now=now, names=list(config.services), title=title))
+    return path

@@ -179,13 +179,12 @@ def build_ui_router(state: ApiState) -> APIRouter:
         """Who held which device's VRAM when: one segment per service instance and
         device (start to stop, with what it held at each step) and markers for
         evictions, preemptions, crashes and failed starts, each with its event's
-        reason. ``since``/``until`` clip (ISO 8601, no zone = UTC); ``device`` keeps one
-        device (404 if the GPU has no such device)."""
+        reason. ``since``/``until`` clip (ISO 8601, no zone = UTC; ``since`` after
+        ``until``: an empty window); ``device`` keeps one device (404 if the GPU has no
+        such device)."""
         since_at, until_at = _utc(since, "since"), _utc(until, "until")
-        if since_at is not None and until_at is not None and since_at > until_at:
-            raise HttpProblem(
-                "invalid-request", f"since ({since}) is after until ({until}); swap them"
-            )
+        # since after until is an empty window, as for GET /gpu/events (the dashboard
+        # checks its own range before asking).
         answer = timeline_of(coord, since_at, until_at, device)
         return Response(to_json(answer), media_type="application/json")
 

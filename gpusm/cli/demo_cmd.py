@@ -136,8 +136,10 @@ def demo(
                 f"  GPU {index}: peak {device_peak} / {total} MiB "
                 f"({100 * device_peak / total:.0f}%)"
             )
+    say(f"timeline: {summary.timeline}")
     say(f"audit it: gpusm events -c {summary.config}")
     say(f"          gpusm history comfyui -c {summary.config}")
+    say(f"          gpusm timeline -c {summary.config} -o timeline.svg")
     if summary.ooms:
         raise typer.Exit(EXIT_ERROR)
 

@@ -28,6 +28,7 @@ _COMMAND_MODULES = [
     "gpusm.cli.demo_cmd",
     "gpusm.cli.systemd_cmd",
     "gpusm.cli.reload_cmd",
+    "gpusm.cli.timeline_cmd",
 ]
 
 for _name in _COMMAND_MODULES:

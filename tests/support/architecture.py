@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bottom", ("gpusm.errors", "gpusm.version", "gpusm.clock", "gpusm.crashpoints")),
     ("model", ("gpusm.domain.*", "gpusm.results", "gpusm.park_config")),
     # Read models folded from domain events (pure, like the model): the VRAM timeline.
-    ("views", ("gpusm.timeline*",)),
+    ("views", ("gpusm.timeline.*",)),
     # Config models that check names against the domain (e.g. event types).
     ("config models", ("gpusm.notify_config",)),
     ("config", ("gpusm.config",)),

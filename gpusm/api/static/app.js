@@ -9,7 +9,7 @@
 
 (() => {
   const TOKEN_KEY = "gpusm.token";
-  // The same palette, in the same order, as gpusm.timeline_render (the offline chart).
+  // The same palette, in the same order, as gpusm/timeline/render.py (the offline chart).
   const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
     "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
   const ACTIVE = new Set(["starting", "healthy", "draining", "parking", "parked", "waking"]);
@@ -298,6 +298,7 @@
     if (choice === "custom") {
       const from = $("#range-from").value;
       const to = $("#range-to").value;
+      if (from && to && new Date(from) > new Date(to)) throw new Error("“from” is after “to”: swap them");
       if (from) params.set("since", new Date(from).toISOString());
       if (to) params.set("until", new Date(to).toISOString());
     } else if (choice !== "all") {
@@ -307,8 +308,14 @@
   }
 
   async function refreshTimeline() {
+    let query;
     try {
-      const query = rangeQuery();
+      query = rangeQuery();
+    } catch (error) {
+      say(error.message);
+      return null;
+    }
+    try {
       const answer = await getJson(`/gpu/timeline${query ? `?${query}` : ""}`);
       view.answer = answer;
       knowNames(answer.timeline.services);
