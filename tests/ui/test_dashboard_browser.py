@@ -174,7 +174,12 @@ def test_timeline_segments_match_the_event_log_start_and_stop_times(
     for event in evictions:
         marker = page.locator(f'.marker[data-seq="{event["seq"]}"]')
         assert marker.count() == 1
-        assert event["data"]["reason"] in str(marker.get_attribute("title"))
+        assert event["data"]["reason"] in str(marker.get_attribute("aria-label"))
+    # Hovering a marker shows its event's reason.
+    last = evictions[-1]
+    page.hover(f'.marker[data-seq="{last["seq"]}"]')
+    assert page.is_visible("#tooltip")
+    assert last["data"]["reason"] in page.inner_text("#tooltip")
     assert dashboard.errors == []
 
 
@@ -189,6 +194,9 @@ def test_a_screenshot_of_the_dashboard_is_written(
         timeout=15_000,
     )
     page.wait_for_timeout(700)  # the timeline's refresh after the last event
+    markers = page.locator(".marker")
+    if markers.count():
+        markers.last.hover()  # its reason, in the picture
     path = screenshot_dir / "dashboard.png"
     page.screenshot(path=str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

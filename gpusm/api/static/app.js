@@ -25,6 +25,7 @@
     types: new Set(),
     lastSeq: null,
     freshAfter: Infinity,
+    unreadable: false,
     answer: null,
     charts: [],
   };
@@ -135,7 +136,10 @@
       view.statusAt = performance.now();
       knowNames(status.services.map((s) => s.name));
       renderStatus();
+      if (view.unreadable) say("");  // the daemon answers again
+      view.unreadable = false;
     } catch (error) {
+      view.unreadable = true;
       say(`cannot read /gpu/status: ${error.message}`);
     }
   }
@@ -435,9 +439,11 @@
     for (const marker of markers) {
       const x = u.valToPos(seconds(marker.at), "x");
       if (x < 0 || x > u.over.clientWidth) continue;
+      // The tooltip is drawn at once on hover (a title would show a second one, late).
       u.over.append(el("div", {
         class: `marker ${marker.kind}`,
-        title: describe(marker),
+        role: "img",
+        "aria-label": describe(marker),
         dataset: { kind: marker.kind, service: marker.service, seq: marker.seq, reason: marker.reason },
         style: { left: `${x}px` },
         onmouseenter: (event) => showTip(event, describe(marker)),
