@@ -13,9 +13,11 @@ ConfigError; :func:`require_services` refuses a config that defines no services.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -39,6 +41,7 @@ __all__ = [
     "SERVICE_KINDS",
     "AnyService",
     "ApiConfig",
+    "ApiKeyConfig",
     "Config",
     "DockerServiceConfig",
     "GpuConfig",
@@ -53,6 +56,7 @@ __all__ = [
     "check_folders",
     "find_config_path",
     "folder_problem",
+    "is_loopback",
     "load_config",
     "make_folder",
     "parse_config",
@@ -199,6 +203,13 @@ class ServiceConfig(_Strict):
     park: ParkConfig | None = None
     # Where the proxy forwards this service's requests (None: its health check's origin).
     upstream: str | None = None
+    # A port of gpusm's own for this service alone (HOST:PORT), e.g. the well-known port
+    # of the server it stands in for; every path on it is proxied to the upstream.
+    listen: str | None = None
+    # "none": that listener takes requests without a key (only on a loopback address).
+    auth: Literal["token", "none"] = "token"
+    # Paths (globs) whose requests never start the service: 503 while it is not running.
+    ignore_paths: list[str] = []
 
     @model_validator(mode="after")
     def _upstream_is_a_url(self) -> ServiceConfig:
@@ -209,6 +220,31 @@ class ServiceConfig(_Strict):
                     f"upstream must be a base URL like http://127.0.0.1:8000, got {self.upstream!r}"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _listener(self) -> ServiceConfig:
+        if self.listen is not None:
+            address = split_listen(self.listen)
+            if address is None:
+                raise ValueError(
+                    f"listen must be HOST:PORT like 127.0.0.1:11434, got {self.listen!r}"
+                )
+            if self.auth == "none" and not is_loopback(address[0]):
+                raise ValueError(
+                    f"auth: none is allowed only on a loopback address (127.0.0.1, ::1, "
+                    f"localhost), not on {address[0]!r}: anyone who reaches it could start "
+                    "services"
+                )
+        elif self.auth == "none":
+            raise ValueError("auth: none applies to the service's own listener: set listen too")
+        for pattern in self.ignore_paths:
+            if not pattern.startswith("/"):
+                raise ValueError(f"ignore_paths entries are paths starting with /, got {pattern!r}")
+        return self
+
+    def ignores(self, path: str) -> bool:
+        """Whether a request for ``path`` (the upstream's) must never start this service."""
+        return any(fnmatchcase(path, pattern) for pattern in self.ignore_paths)
 
     @model_validator(mode="after")
     def _park_resolves(self) -> ServiceConfig:
@@ -370,11 +406,24 @@ class PhaseConfig(_Strict):
     release: bool = False
 
 
+class ApiKeyConfig(_Strict):
+    """A key for the proxy: its token, the priority its requests get, what it may use."""
+
+    name: Name
+    token_file: Path
+    # The priority of this key's proxied requests (None: the service's own).
+    priority: int | None = None
+    # The services it may reach through the proxy (None: every one).
+    services: list[str] | None = None
+
+
 class ApiConfig(_Strict):
     """Where ``gpusm serve`` listens and where its bearer token lives."""
 
     listen: str = "127.0.0.1:7723"
     token_file: Path | None = None
+    # Keys of the proxy's clients; the daemon's own token is the key ``admin``.
+    keys: list[ApiKeyConfig] = []
     # A worker over HTTP that is not heard from for this long loses its lease (null: never).
     lease_ttl_s: PosFloat | None = 60.0
     cors_origins: list[str] = []
@@ -574,7 +623,15 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             "state_dir": _absolute(config.state_dir, base),
             "gpu": config.gpu.model_copy(update={"sim": sim}),
             "services": services,
-            "api": config.api.model_copy(update={"token_file": token_file}),
+            "api": config.api.model_copy(
+                update={
+                    "token_file": token_file,
+                    "keys": [
+                        key.model_copy(update={"token_file": _absolute(key.token_file, base)})
+                        for key in config.api.keys
+                    ],
+                }
+            ),
             "notify": [hook.resolved(base) for hook in config.notify],
         }
     )
@@ -605,6 +662,7 @@ def _check_references(config: Config, source: str) -> None:
                 f"unknown service {service!r}",
                 f"name a service under services: ({', '.join(sorted(config.services)) or 'none'})",
             )
+    _check_keys(config, source)
     for i, phase_name in enumerate(config.pipeline):
         if phase_name not in config.phases:
             raise ConfigError(
@@ -682,6 +740,38 @@ def check_devices(
             )
 
 
+def _check_keys(config: Config, source: str) -> None:
+    seen = {"admin"}
+    for i, key in enumerate(config.api.keys):
+        if key.name in seen:
+            raise ConfigError(
+                source,
+                f"api.keys[{i}].name",
+                f"the key name {key.name!r} is taken"
+                + (" (admin is the daemon's own token)" if key.name == "admin" else ""),
+                "give each key a name of its own",
+            )
+        seen.add(key.name)
+        for j, member in enumerate(key.services or []):
+            if member not in config.services:
+                raise ConfigError(
+                    source,
+                    f"api.keys[{i}].services[{j}]",
+                    f"unknown service {member!r}",
+                    f"name a service under services: ({', '.join(sorted(config.services))})",
+                )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address's) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _named_devices(svc: ServiceConfig) -> list[int]:
     if isinstance(svc.gpu, int):
         return [svc.gpu]
@@ -722,6 +812,7 @@ def _check_addresses(config: Config, source: str) -> None:
             f"{config.api.listen!r} is not HOST:PORT",
             "write e.g. 127.0.0.1:7723 or [::1]:7723",
         )
+    _check_listeners(config, source)
     if config.database is not None and sqlite_file(config.database) is None:
         raise ConfigError(
             source,
@@ -729,6 +820,30 @@ def _check_addresses(config: Config, source: str) -> None:
             f"{config.database!r} is not the URL of a SQLite file",
             "write sqlite:///PATH/gpusm.db, or leave database out for <state_dir>/gpusm.db",
         )
+
+
+def _check_listeners(config: Config, source: str) -> None:
+    """A service's listener takes a port nothing else of gpusm's uses: not the API's,
+    not another listener's, not a port a service itself serves on (a loop)."""
+    api = split_listen(config.api.listen)
+    taken: dict[int, str] = {api[1]: "api.listen"} if api is not None else {}
+    for name, svc in config.services.items():
+        for port in svc.host_ports():
+            taken.setdefault(port, f"service {name}")
+    for name, svc in config.services.items():
+        address = split_listen(svc.listen) if svc.listen is not None else None
+        if address is None:
+            continue
+        owner = taken.get(address[1])
+        if owner is not None:
+            raise ConfigError(
+                source,
+                f"services.{name}.listen",
+                f"port {address[1]} is already used by {owner}",
+                "run the service on an internal port (its health check and upstream) and "
+                "give gpusm's listener the well-known one",
+            )
+        taken[address[1]] = f"services.{name}.listen"
 
 
 def require_services(config: Config) -> Config:

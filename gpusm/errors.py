@@ -32,6 +32,7 @@ __all__ = [
     "IllegalTransition",
     "InsufficientVram",
     "ReloadRefused",
+    "RequestCancelled",
     "RequestTimeout",
     "ServiceRuntimeError",
     "ServiceStartFailed",
@@ -172,3 +173,8 @@ class InsufficientVram(GpusmError):
 
 class RequestTimeout(GpusmError):
     """A request did not complete before its deadline."""
+
+
+class RequestCancelled(RequestTimeout):
+    """The requester stopped waiting (a proxied client hung up) before the request was
+    done; what it alone had started is being stopped."""

@@ -9,6 +9,7 @@ until every needed service is healthy, the request fails, or its deadline passes
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -21,7 +22,13 @@ from gpusm.domain.states import ACTIVE_STATES, RUNNING_STATES, State
 from gpusm.engine.lifecycle import begin_drain, begin_start, finish_stop, in_background, run_start
 from gpusm.engine.parking import begin_park, begin_wake, finish_park, run_wake
 from gpusm.engine.state import Engine
-from gpusm.errors import GpusmError, RequestTimeout, ServiceStartFailed, UnknownName
+from gpusm.errors import (
+    GpusmError,
+    RequestCancelled,
+    RequestTimeout,
+    ServiceStartFailed,
+    UnknownName,
+)
 from gpusm.results import StopNote
 
 __all__ = ["PREFETCH_PRIORITY", "Admission", "Request"]
@@ -51,6 +58,9 @@ class Request:
     last_plan: policy.Plan | None = None
     # A prefetch that evicted and then gave up has said so in the log.
     abandoned: bool = False
+    # Set when the requester stops waiting (a proxied client hung up): the request
+    # ends with RequestCancelled, and what it alone started is drained.
+    cancelled: threading.Event | None = None
 
 
 class Admission:
@@ -87,6 +97,8 @@ class Admission:
             while True:
                 with engine.cond:
                     self.check_open()
+                    if req.cancelled is not None and req.cancelled.is_set():
+                        raise self._cancel(req)
                     with engine.decision():
                         done = self._step(req, ticket)
                     if done:
@@ -182,6 +194,26 @@ class Admission:
             with self.engine.cond:
                 self.engine.note(ev.PrefetchAbandoned(data={**data, "by": req.requester}))
         return True
+
+    def _cancel(self, req: Request) -> RequestCancelled:
+        """The requester is gone: drain what this request started that no other lease
+        holds and no other request waits for (caller holds the lock)."""
+        engine = self.engine
+        held = set().union(*engine.other_leases(req.client).values())
+        wanted = set().union(*self._wanted.values())
+        orphans = [n for n in req.started if n not in held and n not in wanted]
+        reason = f"{req.requester} stopped waiting before it was ready"
+        with engine.decision():
+            for n in orphans:
+                slot = engine.slots[n]
+                if slot.generation != req.mine.get(n):
+                    continue  # started again since, for someone else
+                data = {"reason": reason, "by": req.client or req.requester}
+                # STARTING | WAKING | HEALTHY -> DRAINING; a starting one is stopped by
+                # its starting thread, which sees the drain.
+                if begin_drain(engine, slot, ev.DrainRequested(data=data)):
+                    in_background(f"stop-{n}", partial(finish_stop, engine, slot))
+        return RequestCancelled(f"{req.requester}: cancelled, the requester stopped waiting")
 
     def _timed_out(self, req: Request) -> GpusmError:
         if req.last_plan is not None and not req.last_plan.fits:

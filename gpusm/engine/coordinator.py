@@ -75,6 +75,7 @@ class _Phase:
     ttl_s: float | None = None
     # A one-off client's lease (a proxied request) is not logged: only what it changes.
     quiet: bool = False
+    cancelled: threading.Event | None = None
 
 
 class Coordinator:
@@ -196,16 +197,35 @@ class Coordinator:
         lease_ttl_s: float | None = None,
         *,
         quiet: bool = False,
+        priority: int | None = None,
+        cancelled: threading.Event | None = None,
     ) -> PhaseResult:
         """Make one service healthy for ``client`` (its lease becomes just that service).
 
         ``quiet``: the lease itself is not logged (no ``PhaseEntered``, and no
         ``LeaseReleased`` from :meth:`end_client`), for one-off clients such as proxied
-        requests; what it starts or stops is logged as always.
+        requests; what it starts or stops is logged as always. ``priority``: the
+        request's own (default: the service's). ``cancelled``: once set (see
+        :meth:`cancel`), the request stops waiting with RequestCancelled and drains
+        what it started that nobody else holds or waits for.
         """
         self._engine.config.service(name)
-        request = _Phase(f"service:{name}", [name], pipelined=False, ttl_s=lease_ttl_s, quiet=quiet)
-        return self._enter(request, client, timeout, None)
+        request = _Phase(
+            f"service:{name}",
+            [name],
+            pipelined=False,
+            ttl_s=lease_ttl_s,
+            quiet=quiet,
+            cancelled=cancelled,
+        )
+        return self._enter(request, client, timeout, priority)
+
+    def cancel(self, cancelled: threading.Event) -> None:
+        """Set ``cancelled`` (given to :meth:`ensure_service`) and wake the waiting
+        request at once, not at its next poll."""
+        with self._engine.cond:
+            cancelled.set()
+            self._engine.cond.notify_all()
 
     def renew(self, client: str) -> bool:
         """``client`` is alive: its lease's TTL starts again. False if it holds no lease
@@ -281,7 +301,15 @@ class Coordinator:
             stops += self._release_others(needed, client, phase.name, deadline)
         requester = f"client {client}, phase {phase.name}"
         started, evicted = self._admission.ensure(
-            Request(needed, client, prio, deadline, requester, phase=phase.name)
+            Request(
+                needed,
+                client,
+                prio,
+                deadline,
+                requester,
+                phase=phase.name,
+                cancelled=phase.cancelled,
+            )
         )
         stops += evicted
         with engine.cond:
