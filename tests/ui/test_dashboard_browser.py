@@ -202,3 +202,22 @@ def test_a_screenshot_of_the_dashboard_is_written(
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 20_000
     assert dashboard.errors == []
+
+
+def test_the_event_table_follows_the_stream_and_filters(
+    dashboard: Watched, api: httpx.Client
+) -> None:
+    page = dashboard.page
+    api.post("/gpu/phase", json={"phase": "crawl", "client": "ui-table"}).raise_for_status()
+    newest = _events(api)[-1]
+    page.wait_for_selector(f'#events tr[data-seq="{newest["seq"]}"]', timeout=5_000)
+    streams = "() => [...document.querySelectorAll('#events tbody tr')].map(r => r.dataset.stream)"
+    page.select_option("#filter-service", "vidi")
+    assert set(page.evaluate(streams)) == {"vidi"}
+    page.select_option("#filter-service", "")
+    page.select_option("#filter-type", "PhaseEntered")
+    types = "() => [...document.querySelectorAll('#events tbody tr')].map(r => r.dataset.type)"
+    assert set(page.evaluate(types)) == {"PhaseEntered"}
+    page.fill("#filter-text", "ui-table")
+    assert len(page.evaluate(types)) == 1
+    assert dashboard.errors == []
