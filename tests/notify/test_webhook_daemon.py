@@ -40,10 +40,13 @@ def receiver() -> Iterator[Receiver]:
     found.down()
 
 
-def hooked_config(tmp_path: Path, receiver: Receiver, **hook: Any) -> Path:
+def hooked_config(tmp_path: Path, receiver: Receiver, *, quiet: bool = False, **hook: Any) -> Path:
+    """The seed config with one webhook; ``quiet``: no pipeline, so nothing is prefetched
+    (no events are logged after a phase request has returned)."""
     (tmp_path / "hook.secret").write_bytes(SECRET)
     entry = {"url": receiver.url, "secret_file": "hook.secret", "name": "ops", **hook}
-    return write_config(tmp_path, seed_config(tmp_path, notify=[entry]))
+    extra: dict[str, Any] = {"pipeline": []} if quiet else {}
+    return write_config(tmp_path, seed_config(tmp_path, notify=[entry], **extra))
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -66,7 +69,7 @@ def test_a_failing_receiver_shows_in_status_and_metrics_until_it_recovers(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     receiver.down()
-    path = hooked_config(tmp_path, receiver, min_backoff_s=0.05, max_backoff_s=0.2)
+    path = hooked_config(tmp_path, receiver, quiet=True, min_backoff_s=0.05, max_backoff_s=0.2)
     server = ThreadedServer(load_config(path), token=TOKEN, stop_services_on_exit=True)
     server.start()
     try:
@@ -96,9 +99,11 @@ def test_a_failing_receiver_shows_in_status_and_metrics_until_it_recovers(
             receiver.up()
             http.post("/gpu/phase", json={"phase": "crawl", "client": "w"}).raise_for_status()
 
+            newest = http.get("/gpu/events", params={"limit": 1000}).json()["events"][-1]["seq"]
+
             def caught_up() -> dict[str, Any] | None:
                 hook = http.get("/gpu/status").json()["webhooks"][0]
-                return hook if hook["pending"] == 0 and hook["cursor_seq"] >= 2 else None
+                return hook if hook["pending"] == 0 and hook["cursor_seq"] == newest else None
 
             hook = eventually(caught_up, 20, "the webhook to catch up")
             assert hook is not None
@@ -186,7 +191,7 @@ def test_serve_refuses_a_missing_secret_with_one_clear_line(
 def test_a_reload_replaces_the_webhooks_and_a_kept_name_keeps_its_cursor(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    path = hooked_config(tmp_path, receiver, min_backoff_s=0.05, max_backoff_s=0.2)
+    path = hooked_config(tmp_path, receiver, quiet=True, min_backoff_s=0.05, max_backoff_s=0.2)
     moved = Receiver(SECRET).up()
     server = ThreadedServer(load_config(path), token=TOKEN, stop_services_on_exit=True)
     server.start()
