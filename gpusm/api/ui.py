@@ -22,6 +22,7 @@ import mimetypes
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -70,7 +71,7 @@ def static_files() -> dict[str, tuple[bytes, str]]:
     """Every file under ``static/`` by its path there: (content, media type)."""
     found: dict[str, tuple[bytes, str]] = {}
 
-    def walk(folder: Any, prefix: str) -> None:
+    def walk(folder: Traversable, prefix: str) -> None:
         for entry in folder.iterdir():
             name = f"{prefix}{entry.name}"
             if entry.is_dir():
