@@ -491,6 +491,10 @@ class Config(_Strict):
         """Folder of the simulated GPU (default: ``<state_dir>/simgpu``)."""
         return self.gpu.sim.dir or self.state_dir / "simgpu"
 
+    def listens(self) -> list[str]:
+        """The services' own listen addresses (``services.NAME.listen``)."""
+        return [svc.listen for svc in self.services.values() if svc.listen is not None]
+
     @property
     def token_path(self) -> Path:
         """The API token file (default: ``<state_dir>/api-token``)."""

@@ -37,6 +37,7 @@ recovering             503     GpusmError           recovery not finished (``Ret
 recovery-failed        503     GpusmError           recovery failed; the daemon stops
 stopping               503     GpusmError           shutting down (``Retry-After``)
 unauthorized           401     GpusmError           missing or wrong bearer token
+forbidden              403     GpusmError           proxy: the key may not use that service
 misdirected-request    421     GpusmError           a non-local ``Host`` (DNS rebinding)
 invalid-request        422     GpusmError           body or query does not match the schema
 internal-error         500     GpusmError           a bug: anything unexpected
@@ -413,6 +414,7 @@ _TABLE = (
     ProblemType("recovery-failed", 503, "Recovery failed"),
     ProblemType("stopping", 503, "Shutting down"),
     ProblemType("unauthorized", 401, "Unauthorized"),
+    ProblemType("forbidden", 403, "Forbidden"),
     ProblemType("misdirected-request", 421, "Misdirected request"),
     ProblemType("invalid-request", 422, "Invalid request"),
     ProblemType("internal-error", 500, "Internal server error"),

@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpusm.api.problems import HttpProblem
-from gpusm.api.proxy import build_proxy_router
+from gpusm.api.proxy import Proxy, build_proxy_router
+from gpusm.api.proxy_listen import Listeners, listener_ports
 from gpusm.api.routes import build_router
 from gpusm.api.security import HostGuard
 from gpusm.api.state import ApiState, CoordinatorFactory
@@ -64,6 +65,12 @@ class _Gate:
         self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # A WebSocket handshake is refused by closing it (the client sees a 403).
+            host = Headers(scope=scope).get("host")
+            if not self.guard.allows(host) or self.state.coordinator is None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
         if scope["type"] == "http":
             host = Headers(scope=scope).get("host")
             problem: HttpProblem | None = None
@@ -206,11 +213,14 @@ def create_app(
     app.state.gpusm = state
     app.include_router(build_router(state))
     app.include_router(build_ui_router(state))  # /ui, /gpu/timeline
+    proxy = Proxy(state)
     # After the daemon's own routes: /v1 and /api never shadow them.
-    app.include_router(build_proxy_router(state))
+    app.include_router(build_proxy_router(proxy))
     _install_handlers(app, state)
-    listen_host = config.api.listen.rpartition(":")[0]
-    app.add_middleware(_Gate, state=state, guard=HostGuard([listen_host, *extra_hosts]))
+    # Inside the gate: a service's own listener has the same Host check and 503s.
+    app.add_middleware(Listeners, proxy=proxy, ports=listener_ports(config))
+    hosts = [h.rpartition(":")[0] for h in (config.api.listen, *config.listens())]
+    app.add_middleware(_Gate, state=state, guard=HostGuard([*hosts, *extra_hosts]))
     if config.api.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -22,28 +22,45 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import anyio.to_thread
 import httpx
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import HTTPConnection
 
 from gpusm.api.problems import HttpProblem
-from gpusm.api.proxy_http import UPSTREAM_TIMEOUT, Relay, open_upstream
-from gpusm.api.proxy_models import model_in_body, model_list, names_model_in_body, route_model
-from gpusm.api.security import bearer_matches
+from gpusm.api.proxy_http import UPSTREAM_TIMEOUT, Body, Relay, nothing, open_upstream
+from gpusm.api.proxy_keys import Caller, KeyRing
+from gpusm.api.proxy_models import (
+    model_in_body,
+    model_in_form,
+    model_in_multipart,
+    model_list,
+    multipart_boundary,
+    names_model_in_body,
+    route_model,
+)
+from gpusm.api.proxy_ws import TRY_AGAIN_LATER, relay_websocket, websocket_url
 from gpusm.api.state import ApiState
+from gpusm.domain.states import State
 from gpusm.engine.coordinator import Coordinator
-from gpusm.errors import GpusmError, InsufficientVram, RequestTimeout, UnknownName
+from gpusm.errors import (
+    GpusmError,
+    InsufficientVram,
+    RequestCancelled,
+    RequestTimeout,
+    UnknownName,
+)
 from gpusm.results import PhaseResult
 
-__all__ = ["MODEL_BODY_LIMIT", "build_proxy_router"]
+__all__ = ["CLIENT_GONE", "MODEL_BODY_LIMIT", "Proxy", "build_proxy_router", "rest_of_path"]
 
 _log = logging.getLogger("gpusm.api.proxy")
 
@@ -53,28 +70,8 @@ _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 # Retry-After when the service could not be made ready: about one more load's worth.
 _RETRY_MIN_S = 1
 _RETRY_MAX_S = 60
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who sends a proxied request: the key it authenticated with.
-
-    Only the daemon's own token (``admin``) exists for now; per-key priorities and
-    allowed services (``api.keys``) will be fields here.
-    """
-
-    key: str
-
-
-def _caller(state: ApiState, request: Request) -> Caller:
-    if bearer_matches(request.headers.get("authorization"), state.token):
-        return Caller("admin")
-    raise HttpProblem(
-        "unauthorized",
-        "missing or wrong bearer token; the proxy needs Authorization: Bearer <token> "
-        "with the token from $GPUSM_TOKEN or the daemon's api-token file",
-        headers={"WWW-Authenticate": 'Bearer realm="gpusm"'},
-    )
+# The status a request whose client hung up is counted under (nginx's; nobody reads it).
+CLIENT_GONE = 499
 
 
 def _coordinator(state: ApiState) -> Coordinator:
@@ -89,12 +86,17 @@ def _retry_after(coordinator: Coordinator, service: str) -> str:
     return str(min(_RETRY_MAX_S, max(_RETRY_MIN_S, math.ceil(load))))
 
 
-class _Proxy:
-    """The routes' shared part: the upstream client, leases, forwarding."""
+class Proxy:
+    """The proxy's shared part: the upstream client, the keys, leases, forwarding.
+
+    One per app: the routes on the API's port and the services' own listeners
+    (:mod:`gpusm.api.proxy_listen`) use the same one.
+    """
 
     def __init__(self, state: ApiState) -> None:
         self.state = state
         self.http: httpx.AsyncClient | None = None
+        self.keys = KeyRing()
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -107,20 +109,28 @@ class _Proxy:
             finally:
                 self.http = None
 
+    def caller(self, connection: HTTPConnection) -> Caller:
+        """The key a request (or WebSocket) authenticated with; 401 when none."""
+        config = _coordinator(self.state).config
+        authorization = connection.headers.get("authorization")
+        return self.keys.caller(config, self.state.token, authorization)
+
     async def forward(
         self,
         request: Request,
         caller: Caller,
         service: str,
         path: str,
-        body: bytes | None,
+        body: Body,
         model: str | None = None,
     ) -> Response:
         """Ensure ``service`` under a lease of this request's own, then relay ``request``
         to its upstream + ``path``; the lease ends with the answer. Counted in the
         ``gpusm_proxy_*`` metrics; one that started, woke or stopped something is an
-        audit event."""
+        audit event. A path in the service's ``ignore_paths`` never starts it: it is
+        relayed (under no lease) while the service is healthy, else refused (503)."""
         coordinator = _coordinator(self.state)
+        caller.check(service)
         config = coordinator.config.service(service)
         base = config.upstream_url()
         if base is None:
@@ -134,8 +144,10 @@ class _Proxy:
             raise self.state.unavailable()
         query = request.url.query
         url = base + path + (f"?{query}" if query else "")
-        client = f"proxy:{caller.key}:{secrets.token_hex(6)}"
         metrics = self.state.metrics
+        if config.ignores(path.partition("?")[0]):
+            return await self._pass_through(request, coordinator, service, url, body)
+        client = f"proxy:{caller.key}:{secrets.token_hex(6)}"
         inflight = metrics.proxy_inflight.labels(service)
         inflight.inc()
         released = False
@@ -150,7 +162,17 @@ class _Proxy:
                 await anyio.to_thread.run_sync(partial(coordinator.end_client, client, True))
 
         try:
-            result = await self._ensure(coordinator, service, client)
+            # The client can be watched for hanging up only once nothing of its body is
+            # left unread (the watcher reads what the connection sends next).
+            watch = isinstance(body, bytes) or not _has_body(request)
+            result = await self._ensure_watching(
+                request, coordinator, service, client, caller, watch
+            )
+            if result is None:
+                metrics.proxy_requests.labels(service, str(CLIENT_GONE)).inc()
+                with anyio.CancelScope(shield=True):
+                    await release()
+                return Response(status_code=CLIENT_GONE)
             metrics.proxy_wait.labels(service).observe(result.waited_s)
             if result.started or result.stopped:
                 route = f"{request.method} {request.url.path}"
@@ -167,7 +189,105 @@ class _Proxy:
         metrics.proxy_requests.labels(service, str(upstream.status_code)).inc()
         return Relay(upstream, service, release)
 
-    async def _ensure(self, coordinator: Coordinator, service: str, client: str) -> PhaseResult:
+    async def forward_websocket(
+        self, websocket: WebSocket, caller: Caller, service: str, path: str
+    ) -> None:
+        """Like :meth:`forward`, for a WebSocket: its lease lasts as long as the
+        connection (an ignored path takes none, and needs the service healthy). A
+        refusal closes the handshake: 1008 for a key that may not use the service,
+        1013 (try again later) when the service could not be made ready."""
+        coordinator = _coordinator(self.state)
+        config = coordinator.config.service(service)
+        base = config.upstream_url()
+        try:
+            caller.check(service)
+        except HttpProblem:
+            await websocket.close(1008)
+            return
+        if base is None:
+            await websocket.close(1011)
+            return
+        url = websocket_url(base, path)
+        if config.ignores(path.partition("?")[0]):
+            if coordinator.service_state(service) is State.HEALTHY:
+                await relay_websocket(websocket, url, service)
+            else:
+                await websocket.close(TRY_AGAIN_LATER)
+            return
+        client = f"proxy:{caller.key}:{secrets.token_hex(6)}"
+        try:
+            await self._ensure(coordinator, service, client, caller, threading.Event())
+            await relay_websocket(websocket, url, service)
+        except HttpProblem:
+            await websocket.close(TRY_AGAIN_LATER)
+        finally:
+            with anyio.CancelScope(shield=True), suppress(GpusmError):
+                await anyio.to_thread.run_sync(partial(coordinator.end_client, client, True))
+
+    async def _pass_through(
+        self, request: Request, coordinator: Coordinator, service: str, url: str, body: Body
+    ) -> Response:
+        """A request on an ignored path: relayed only while the service is healthy."""
+        metrics = self.state.metrics
+        state = coordinator.service_state(service)
+        if state is not State.HEALTHY:
+            metrics.proxy_requests.labels(service, "503").inc()
+            raise HttpProblem(
+                "service-unavailable",
+                f"service {service!r} is {state.value}, and {request.url.path} is one of its "
+                "ignore_paths, which never start it",
+                {"Retry-After": _retry_after(coordinator, service)},
+                service=service,
+            )
+        assert self.http is not None
+        upstream = await open_upstream(self.http, request, url, service, body)
+        metrics.proxy_requests.labels(service, str(upstream.status_code)).inc()
+        return Relay(upstream, service, nothing)
+
+    async def _ensure_watching(
+        self,
+        request: Request,
+        coordinator: Coordinator,
+        service: str,
+        client: str,
+        caller: Caller,
+        watch: bool,
+    ) -> PhaseResult | None:
+        """:meth:`_ensure`, while watching the client: None when it hung up first (its
+        wait is cancelled, and a start that nobody else waits for is drained)."""
+        cancelled = threading.Event()
+        if not watch:
+            return await self._ensure(coordinator, service, client, caller, cancelled)
+
+        async def hang_up() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass  # the (empty or already read) body's last message
+            await anyio.to_thread.run_sync(coordinator.cancel, cancelled)
+
+        result: PhaseResult | None = None
+        refused: Exception | None = None
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(hang_up)
+            try:
+                result = await self._ensure(coordinator, service, client, caller, cancelled)
+            except RequestCancelled:
+                result = None
+            except Exception as exc:
+                refused = exc  # raised as itself, not in the task group's ExceptionGroup
+            finally:
+                watchers.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
+        return result
+
+    async def _ensure(
+        self,
+        coordinator: Coordinator,
+        service: str,
+        client: str,
+        caller: Caller,
+        cancelled: threading.Event,
+    ) -> PhaseResult:
         """Until ``service`` is healthy under ``client``'s lease; 503 after ``proxy.wait_s``.
 
         A lease revoked while it waited (a higher-priority request took the GPU) waits
@@ -179,9 +299,20 @@ class _Proxy:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._refusal(coordinator, service, wait_s, "its lease was revoked")
-            ensure = partial(coordinator.ensure_service, service, client, left, None, quiet=True)
+            ensure = partial(
+                coordinator.ensure_service,
+                service,
+                client,
+                left,
+                None,
+                quiet=True,
+                priority=caller.priority,
+                cancelled=cancelled,
+            )
             try:
                 result = await anyio.to_thread.run_sync(ensure)
+            except RequestCancelled:
+                raise
             except (InsufficientVram, RequestTimeout) as exc:
                 raise self._refusal(coordinator, service, wait_s, str(exc), exc) from exc
             if result.lease_revoked is None:
@@ -239,27 +370,52 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers or (length is not None and length != "0")
 
 
-async def _route_by_model(state: ApiState, request: Request) -> tuple[str, bytes | None, str]:
-    """The service the request's model maps to, the body if it was read for that, and
-    the model."""
+async def _route_by_model(state: ApiState, request: Request) -> tuple[str, Body, str]:
+    """The service the request's model maps to, the body as far as it was read for that
+    (bytes, or what was read followed by the rest still streaming), and the model."""
     coordinator = _coordinator(state)
     models = coordinator.config.models
-    body: bytes | None = None
+    body: Body = None
     model: str | None = None
-    if _has_body(request) and names_model_in_body(request.headers.get("content-type")):
+    content_type = request.headers.get("content-type")
+    boundary = multipart_boundary(content_type)
+    if _has_body(request) and boundary is not None:
+        model, body = await _peek_multipart(request, boundary)
+    elif _has_body(request) and names_model_in_body(content_type):
         body = await _read_bounded(request)
-        model = model_in_body(body)
+        model = model_in_body(body) or model_in_form(body)
     model = model or request.query_params.get("model")
     if not model:
         raise HttpProblem(
             "invalid-request",
-            'the request names no model: send it as "model" in a JSON body or as ?model=',
+            'the request names no model: send it as "model" in a JSON body, as ?model=, '
+            "or as a form field model (in a multipart upload, before the file)",
             known=list(models),
         )
     service = route_model(models, model)
     if service is None:
         raise UnknownName("model", model, list(models))
     return service, body, model
+
+
+async def _peek_multipart(request: Request, boundary: bytes) -> tuple[str | None, Body]:
+    """Read a multipart body only until its ``model`` field is known (at most
+    :data:`MODEL_BODY_LIMIT` bytes); the upload after it streams through unread."""
+    chunks = request.stream().__aiter__()
+    head = b""
+    model: str | None = None
+    async for chunk in chunks:
+        head += chunk
+        model, decided = model_in_multipart(head, boundary)
+        if decided or len(head) > MODEL_BODY_LIMIT:
+            break
+
+    async def whole() -> AsyncIterator[bytes]:
+        yield head
+        async for rest in chunks:
+            yield rest
+
+    return model, whole()
 
 
 def _audit(
@@ -279,32 +435,50 @@ def _audit(
     }
 
 
-def build_proxy_router(state: ApiState) -> APIRouter:
-    """The proxy's routes, bound to ``state``; include it after the daemon's own routes
+def rest_of_path(scope: Mapping[str, Any], skip: int) -> str:
+    """The request's raw path (the bytes the client sent, query included) less its
+    first ``skip`` segments: what the upstream gets."""
+    raw = scope.get("raw_path") or str(scope["path"]).encode()
+    path = raw.decode("latin-1")
+    query = scope.get("query_string") or b""
+    if "?" not in path and query:
+        path += "?" + query.decode("latin-1")
+    rest = path.split("/", skip + 1)
+    return "/" + (rest[skip + 1] if len(rest) > skip + 1 else "")
+
+
+def build_proxy_router(proxy: Proxy) -> APIRouter:
+    """The proxy's routes on the API's port; include it after the daemon's own routes
     (its lifespan opens and closes the upstream client)."""
-    proxy = _Proxy(state)
+    state = proxy.state
     router = APIRouter(lifespan=proxy.lifespan)
 
     @router.get("/v1/models", include_in_schema=False)
     async def models(request: Request) -> Response:
-        _caller(state, request)
+        proxy.caller(request)
         return JSONResponse(model_list(_coordinator(state).config.models))
 
     @router.api_route("/svc/{service}", methods=_METHODS, include_in_schema=False)
     @router.api_route("/svc/{service}/{path:path}", methods=_METHODS, include_in_schema=False)
     async def by_service(request: Request, service: str) -> Response:
-        caller = _caller(state, request)
-        # The raw path: the upstream gets exactly the bytes the client sent.
-        raw = request.scope.get("raw_path") or request.url.path.encode()
-        rest = raw.decode("latin-1").split("/", 3)
-        upstream_path = "/" + (rest[3] if len(rest) > 3 else "")
-        return await proxy.forward(request, caller, service, upstream_path, None)
+        caller = proxy.caller(request)
+        path = rest_of_path(request.scope, 2).partition("?")[0]
+        return await proxy.forward(request, caller, service, path, None)
+
+    @router.websocket("/svc/{service}/{path:path}")
+    async def websocket_by_service(websocket: WebSocket, service: str) -> None:
+        try:
+            caller = proxy.caller(websocket)
+        except HttpProblem:
+            await websocket.close(1008)
+            return
+        await proxy.forward_websocket(websocket, caller, service, rest_of_path(websocket.scope, 2))
 
     async def by_model(request: Request) -> Response:
-        caller = _caller(state, request)
+        caller = proxy.caller(request)
         service, body, model = await _route_by_model(state, request)
-        raw = request.scope.get("raw_path") or request.url.path.encode()
-        return await proxy.forward(request, caller, service, raw.decode("latin-1"), body, model)
+        path = rest_of_path(request.scope, 0).partition("?")[0]
+        return await proxy.forward(request, caller, service, path, body, model)
 
     for prefix in ("/v1", "/api"):
         router.add_api_route(

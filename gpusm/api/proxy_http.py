@@ -21,8 +21,10 @@ from gpusm.api.problems import HttpProblem
 
 __all__ = [
     "HOP_BY_HOP",
+    "Body",
     "Relay",
     "UPSTREAM_TIMEOUT",
+    "nothing",
     "open_upstream",
     "request_headers",
     "response_headers",
@@ -30,6 +32,10 @@ __all__ = [
 ]
 
 _log = logging.getLogger("gpusm.api.proxy")
+
+# A request body as the proxy holds it: None (stream the client's as it arrives), all
+# of it (read to find the model), or what was read followed by the rest, streaming.
+Body = bytes | AsyncIterator[bytes] | None
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -118,16 +124,16 @@ async def open_upstream(
     request: Request,
     url: str,
     service: str,
-    body: bytes | None,
+    body: Body,
 ) -> httpx.Response:
     """Send ``request`` to ``url`` and return once the upstream's headers are in (the
-    body is still to be read). ``body``: the bytes already read, else the client's body
-    is streamed through as it arrives. An HttpProblem (502/504) when that fails."""
+    body is still to be read). ``body``: see :data:`Body`. An HttpProblem (502/504)
+    when that fails."""
     streams = "content-length" in request.headers or "transfer-encoding" in request.headers
-    content: bytes | AsyncIterator[bytes] | None = body
+    content: Body = body
     if content is None and streams:
         content = request.stream()
-    headers = request_headers(request, keep_length=body is None)
+    headers = request_headers(request, keep_length=not isinstance(body, bytes))
     outgoing = http.build_request(request.method, url, headers=headers, content=content)
     try:
         return await http.send(outgoing, stream=True)
@@ -171,7 +177,7 @@ class Relay(StreamingResponse):
 
     async def close(self) -> None:
         """Close the upstream answer, then ``on_close`` (once; also when never sent)."""
-        on_close, self._on_close = self._on_close, _nothing
+        on_close, self._on_close = self._on_close, nothing
         try:
             with suppress(Exception):
                 await self._body.aclose()
@@ -181,5 +187,6 @@ class Relay(StreamingResponse):
             await on_close()
 
 
-async def _nothing() -> None:
-    return None
+async def nothing() -> None:
+    """An ``on_close`` with nothing to do (a relay under no lease)."""
+    return

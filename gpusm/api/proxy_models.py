@@ -1,20 +1,28 @@
 """The proxy's model map: which service serves the model a request names.
 
 ``models:`` in the config maps model names and globs to services. A request names its
-model in its JSON body (``"model": ...``), else in the query (``?model=``). Exact names
-win; then the globs (:func:`fnmatch.fnmatchcase`) in the config's order.
+model in its JSON body (``"model": ...``), else in the query (``?model=``), else in a
+form field ``model`` (urlencoded, or a multipart part before the upload, as the OpenAI
+clients send audio). Exact names win; then the globs (:func:`fnmatch.fnmatchcase`) in
+the config's order.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
+from email.message import Message
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import parse_qs
 
 __all__ = [
     "is_pattern",
     "model_in_body",
+    "model_in_form",
+    "model_in_multipart",
+    "multipart_boundary",
     "model_list",
     "names_model_in_body",
     "route_model",
@@ -80,3 +88,53 @@ def model_list(models: Mapping[str, str]) -> dict[str, Any]:
             if is_pattern(name)
         ],
     }
+
+
+def model_in_form(body: bytes) -> str | None:
+    """The ``model`` field of an urlencoded form body; None when there is none."""
+    try:
+        fields = parse_qs(body.decode("utf-8"), strict_parsing=False)
+    except UnicodeDecodeError:
+        return None
+    found = fields.get("model")
+    return found[0] if found and found[0] else None
+
+
+def multipart_boundary(content_type: str | None) -> bytes | None:
+    """The boundary of a ``multipart/form-data`` type; None for any other type."""
+    if not content_type or not content_type.lower().startswith("multipart/form-data"):
+        return None
+    header = Message()
+    header["content-type"] = content_type
+    boundary = header.get_param("boundary")
+    return boundary.encode("latin-1") if isinstance(boundary, str) and boundary else None
+
+
+_NAME = re.compile(rb'content-disposition:[^\r\n]*;\s*name="([^"]*)"', re.IGNORECASE)
+
+
+def model_in_multipart(head: bytes, boundary: bytes) -> tuple[str | None, bool]:
+    """The ``model`` field among the complete parts at the start of a multipart body.
+
+    Returns (model, decided): ``decided`` is True once the answer cannot change with
+    more of the body (the field was found, or a file part came first: what follows is
+    the upload, which is never searched).
+    """
+    delimiter = b"--" + boundary
+    parts = head.split(delimiter)
+    # parts[0] is the preamble; the last piece may be incomplete.
+    for part in parts[1:-1]:
+        headers, sep, value = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        named = _NAME.search(headers)
+        if named is None:
+            continue
+        if b"filename=" in headers.lower():
+            return None, True
+        if named.group(1) == b"model":
+            text = value.removesuffix(b"\r\n").decode("utf-8", "replace").strip()
+            return (text or None), True
+    if len(parts) > 1 and parts[-1].startswith(b"--"):
+        return None, True  # the closing delimiter: no more parts
+    return None, False

@@ -73,6 +73,9 @@ def make_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # The proxy's WebSocket pass-through; the sans-I/O implementation (the
+        # default one is deprecated by the websockets library).
+        ws="websockets-sansio",
     )
     return _Server(config)
 

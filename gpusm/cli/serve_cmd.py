@@ -58,6 +58,7 @@ def serve(
 ) -> None:
     """Run the daemon: HTTP API, metrics, and the coordinator (recovers in the background)."""
     from gpusm.api.app import create_app, state_of
+    from gpusm.api.proxy_keys import load_keys
     from gpusm.api.security import load_or_create_token
     from gpusm.api.server import bind, bound_port, make_server
     from gpusm.wire import TOKEN_ENV, parse_listen
@@ -66,6 +67,7 @@ def serve(
     with friendly_errors():
         where = parse_listen(listen, "--listen") if listen else parse_listen(cfg.api.listen)
         token = load_or_create_token(cfg.token_path)
+        load_keys(cfg)  # a key whose token file cannot be read stops the start, named
     if log_level not in _LOG_LEVELS:
         fail(f"--log-level: {log_level!r} is not a log level", EXIT_CONFIG)
     fatal: list[BaseException] = []
@@ -87,6 +89,8 @@ def serve(
     # The app exists; only now is the port bound.
     with friendly_errors():
         sock = bind(where)
+        # The services' own listeners (services.NAME.listen): the same server answers.
+        listeners = [bind(parse_listen(address, "listen")) for address in cfg.listens()]
     server = make_server(app, log_level)
     servers.append(server)
 
@@ -116,7 +120,7 @@ def serve(
         )
         watcher.start()
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock, *listeners])
     except KeyboardInterrupt:
         pass
     finally:
@@ -126,6 +130,8 @@ def serve(
         signal.signal(signal.SIGHUP, previous_hup)
         signal.signal(signal.SIGTERM, previous)
         sock.close()
+        for listener in listeners:
+            listener.close()
     if fatal:
         if isinstance(fatal[0], GpusmError):
             with friendly_errors():

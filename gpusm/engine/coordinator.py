@@ -370,8 +370,22 @@ class Coordinator:
         with self._engine.cond:
             lease = self._engine.leases.drop(client)
             if lease is not None:
+                self._touch(lease.services)
                 self._engine.note(ev.LeaseReleased(data={"client": client, "phase": lease.phase}))
             self._engine.cond.notify_all()
+
+    def _touch(self, services: frozenset[str]) -> None:
+        """A lease on ``services`` just ended: their idle time counts from now (for a
+        proxied request, from its answer's last byte), not from when it began."""
+        now = self._engine.clock.monotonic()
+        for name in services:
+            slot = self._engine.slots.get(name)
+            if slot is not None:
+                slot.touch(now)
+
+    def service_state(self, name: str) -> State:
+        """The state ``name`` is in now (UnknownName if the config lacks it)."""
+        return self._engine.slots[self._engine.config.service(name).name].state
 
     def note_proxied(self, data: dict[str, object]) -> None:
         """Record a proxied request that started, woke or stopped something (the audit's
@@ -385,8 +399,11 @@ class Coordinator:
         of one-off clients keeps nothing of them. ``quiet``: no ``LeaseReleased``."""
         with self._engine.cond:
             lease = self._engine.leases.drop(client)
-            if lease is not None and not quiet:
-                self._engine.note(ev.LeaseReleased(data={"client": client, "phase": lease.phase}))
+            if lease is not None:
+                self._touch(lease.services)
+                if not quiet:
+                    data = {"client": client, "phase": lease.phase}
+                    self._engine.note(ev.LeaseReleased(data=data))
             self._engine.cond.notify_all()
             self._engine.leases.take_revocation(client)
             lock = self._client_locks.get(client)

@@ -227,7 +227,7 @@ def test_an_upstream_that_refuses_connections_is_a_502(serve: Serve, tmp_path: P
         no_leases(http)
 
 
-def test_a_client_that_hangs_up_while_its_service_starts_leaves_no_lease(
+def test_a_client_that_hangs_up_while_its_service_starts_drains_that_start(
     http: httpx.Client,
 ) -> None:
     with (
@@ -235,8 +235,14 @@ def test_a_client_that_hangs_up_while_its_service_starts_leaves_no_lease(
         pytest.raises(httpx.ReadTimeout),
     ):
         impatient.get("/svc/comfyui/info")
-    # The start goes on; once it is healthy the abandoned request's lease ends.
-    eventually(lambda: states(http)["comfyui"] == "healthy", 30, "comfyui healthy")
+    # Nobody else waits for it: the start is drained, and no lease is left.
+    eventually(lambda: states(http)["comfyui"] == "stopped", 30, "comfyui drained")
+    events = http.get("/gpu/events", params={"service": "comfyui"}).json()["events"]
+    types = [e["type"] for e in events]
+    assert types.index("StartRequested") < types.index("DrainRequested")
+    drain = next(e for e in events if e["type"] == "DrainRequested")
+    assert "stopped waiting before it was ready" in drain["data"]["reason"]
+    assert drain["data"]["by"].startswith("proxy:admin:")
     no_leases(http)
 
 

@@ -27,12 +27,12 @@ __all__ = ["LAYERS", "LIBRARIES", "NARROW", "Import", "Violation", "check_tree",
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bottom", ("gpusm.errors", "gpusm.version", "gpusm.clock", "gpusm.crashpoints")),
     ("model", ("gpusm.domain.*", "gpusm.results", "gpusm.park_config")),
-    # Read models folded from domain events (pure, like the model): the VRAM timeline.
-    ("views", ("gpusm.timeline.*",)),
     # Config models that check names against the domain (e.g. event types).
     ("config models", ("gpusm.notify_config",)),
     ("config", ("gpusm.config",)),
     ("ports", ("gpusm.ports", "gpusm.procs", "gpusm.lock")),
+    # Read models folded from domain events and read through the EventStore port.
+    ("views", ("gpusm.timeline.*",)),
     (
         "adapters and engine",
         (
@@ -87,6 +87,7 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
     "uvicorn": ("gpusm.api.*",),
     "anyio": ("gpusm.api.*",),
     "prometheus_client": ("gpusm.api.*",),
+    "websockets": ("gpusm.api.*",),
     "typer": ("gpusm.cli.*",),
     "rich": ("gpusm.cli.*",),
     "yaml": ("gpusm.config",),
