@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gpusm.domain.events import RecordedEvent
-from gpusm.timeline import TIMELINE_TYPES, build_timeline
+from gpusm.domain.events import NewEvent, RecordedEvent
+from gpusm.ports import EventQuery
+from gpusm.store.memory import MemoryEventStore
+from gpusm.timeline import TIMELINE_TYPES, build_timeline, read_timeline
 
 T0 = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
 
@@ -178,3 +181,78 @@ def test_the_types_the_timeline_reads_include_every_start_stop_and_marker() -> N
     for name in ("StartRequested", "Adopted", "Stopped", "Crashed", "StartFailed", "Evicted"):
         assert name in TIMELINE_TYPES
     assert "ProxiedRequest" not in TIMELINE_TYPES
+
+
+def _scenario() -> MemoryEventStore:
+    """A log with parks, wakes, a learned peak, crashes, a failed start, a spanning
+    service and evictions on two devices, in time order."""
+    gpu0 = {"gpu": 0, "devices": [0], "free_mib": 20000, "used_mib": 4576}
+    gpu1 = {"gpu": 1, "devices": [1], "free_mib": 40000, "used_mib": 0}
+    script: list[tuple[float, str, str, str | None, str | None, dict[str, Any]]] = [
+        (0, "coordinator", "Recovered", None, None, {"gpu": 0, "free_mib": 24576, "used_mib": 0}),
+        (0.5, "a", "StartRequested", "stopped", "starting", gpu0),
+        (1, "a", "VramObserved", "starting", "starting", {"used_mib": 5000, "peak_mib": 5000}),
+        (2, "a", "HealthPassed", "starting", "healthy", {}),
+        (3, "c", "StartRequested", "stopped", "starting", {"devices": [0, 1], "gpu": 0}),
+        (4, "c", "HealthPassed", "starting", "healthy", {}),
+        (5, "b", "StartRequested", "stopped", "starting", gpu1),
+        (6, "b", "HealthPassed", "starting", "healthy", {}),
+        (10, "a", "ParkRequested", "healthy", "parking", {"reason": "idle"}),
+        (11, "a", "Parked", "parking", "parked", {"held_mib": 500}),
+        (15, "b", "Crashed", "healthy", "stopped", {"reason": "exit code 3"}),
+        (16, "b", "StartRequested", "stopped", "starting", gpu1),
+        (17, "b", "StartFailed", "starting", "stopped", {"reason": "health deadline"}),
+        (18, "b", "GaveUp", "stopped", "failed", {"reason": "budget spent"}),
+        (19, "b", "Reset", "failed", "stopped", {}),
+        (20, "a", "WakeRequested", "parked", "waking", {}),
+        (21, "a", "Woken", "waking", "healthy", {}),
+        (25, "b", "StartRequested", "stopped", "starting", gpu1),
+        (26, "b", "HealthPassed", "starting", "healthy", {}),
+        (30, "a", "DrainRequested", "healthy", "draining", {"reason": "stop"}),
+        (31, "a", "Stopped", "draining", "stopped", {}),
+        (35, "c", "Preempted", "healthy", "draining", {"reason": "room for d"}),
+        (36, "c", "Stopped", "draining", "stopped", {}),
+        (40, "a", "StartRequested", "stopped", "starting", gpu0),
+        (41, "a", "HealthPassed", "starting", "healthy", {}),
+        (44, "a", "ParkRequested", "healthy", "parking", {}),
+        (45, "a", "Parked", "parking", "parked", {"held_mib": 600}),
+        (47, "a", "Evicted", "parked", "draining", {"reason": "room for e"}),
+        (51, "a", "Stopped", "draining", "stopped", {}),
+    ]
+    store = MemoryEventStore()
+    versions: dict[str, int] = {}
+    for seconds, stream, kind, before, after, data in script:
+        versions[stream] = versions.get(stream, 0) + 1
+        store.append([NewEvent(stream, versions[stream], kind, at(seconds), before, after, data)])
+    return store
+
+
+def test_reading_only_the_window_gives_what_folding_the_whole_log_gives() -> None:
+    store = _scenario()
+    everything = store.read(EventQuery())
+    declared = {"a": 4000, "b": 30000, "c": 8000}
+    for start in range(-1, 56):
+        for length in (None, 0.5, 3, 9, 30):
+            since = at(start + 0.25)
+            until = None if length is None else since + timedelta(seconds=length)
+            whole = build_timeline(
+                everything, now=at(60), since=since, until=until, declared=declared
+            )
+            read = read_timeline(
+                store.read,
+                services=["a", "b", "c"],
+                now=at(60),
+                since=since,
+                until=until,
+                declared=declared,
+            )
+            where = f"since {start + 0.25}s, for {length}s"
+            assert read.segments == whole.segments, where
+            assert set(read.services) == set(whole.services), where
+            assert read.log_start == whole.log_start, where
+            # A marker of a service stopped when the window opened may not know its
+            # device (None: drawn on every device); all else is the same.
+            assert len(read.markers) == len(whole.markers), where
+            for mine, truth in zip(read.markers, whole.markers, strict=True):
+                assert mine.device in (truth.device, None), where
+                assert replace(mine, device=truth.device) == truth, where

@@ -14,8 +14,9 @@ Every ``/ui`` answer carries a strict Content-Security-Policy (this origin only,
 inline script or style, no framing), ``nosniff`` and ``no-referrer``.
 
 ``GET /gpu/timeline?since&until&device`` answers :class:`TimelineAnswer`: the
-segments and markers of :func:`gpusm.timeline.build_timeline` over the event log,
-with the configured ``vram_mib`` of each service and the devices' sizes from the GPU.
+segments and markers of :func:`gpusm.timeline.read_timeline` over the event log (only
+what the window needs is read), with the configured ``vram_mib`` of each service and
+the devices' sizes from the GPU.
 """
 
 import mimetypes
@@ -34,7 +35,7 @@ from gpusm.api.state import ApiState
 from gpusm.engine.coordinator import Coordinator
 from gpusm.errors import UnknownName
 from gpusm.ports import EventQuery
-from gpusm.timeline import TIMELINE_TYPES, DeviceInfo, Timeline, build_timeline
+from gpusm.timeline import DeviceInfo, Timeline, read_timeline
 from gpusm.wire import to_json
 
 __all__ = ["CSP", "SECURITY_HEADERS", "TimelineAnswer", "build_ui_router", "static_files"]
@@ -123,10 +124,15 @@ def timeline_of(
     if device is not None and device not in known:
         raise UnknownName("device", str(device), [str(i) for i in known])
     head = coordinator.events(EventQuery(newest_first=True, limit=1))
-    events = coordinator.events(EventQuery(types=TIMELINE_TYPES, until=until))
-    declared = {name: svc.vram_mib for name, svc in coordinator.config.services.items()}
-    timeline = build_timeline(
-        events, now=now, since=since, until=until, declared=declared, device=device
+    services = coordinator.config.services
+    timeline = read_timeline(
+        coordinator.events,
+        services=list(services),
+        now=now,
+        since=since,
+        until=until,
+        declared={name: svc.vram_mib for name, svc in services.items()},
+        device=device,
     )
     # The GPU knows its devices' sizes better than the log does, and lists idle ones.
     devices = tuple(

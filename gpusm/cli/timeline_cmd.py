@@ -2,7 +2,7 @@
 
 Reads the event database named by the config (never created; migrated like every
 command does) or ``--db FILE`` (e.g. a copy attached to an issue: only read), folds it with
-:func:`gpusm.timeline.build_timeline` and writes the chart: ``.svg`` (pure Python),
+:func:`gpusm.timeline.read_timeline` and writes the chart: ``.svg`` (pure Python),
 ``.html`` (a self-contained page: the SVG, a table of the markers, no script, nothing
 loaded) or ``.png`` (that page photographed by headless Chromium, which must be
 installed: ``apt-get install chromium``, or ``$GPUSM_CHROMIUM``).
@@ -23,8 +23,7 @@ import typer
 
 from gpusm.cli.common import EXIT_CONFIG, EXIT_ERROR, ConfigOption, fail, friendly_errors, load, say
 from gpusm.config import Config, sqlite_file
-from gpusm.ports import EventQuery
-from gpusm.timeline import TIMELINE_TYPES, Timeline, build_timeline, render_html, render_svg
+from gpusm.timeline import Timeline, read_timeline, render_html, render_svg
 from gpusm.wiring import open_store
 
 __all__ = ["find_chromium", "register", "write_timeline"]
@@ -163,11 +162,16 @@ def timeline(
         # (perhaps someone else's) is only read.
         store = open_store(cfg, upgrade=db is None)
         try:
-            events = store.read(EventQuery(types=TIMELINE_TYPES, until=until_at))
+            found = read_timeline(
+                store.read,
+                services=[*cfg.services, *store.heads()],
+                now=now,
+                since=since_at,
+                until=until_at,
+                declared={name: svc.vram_mib for name, svc in cfg.services.items()},
+            )
         finally:
             store.close()
-        declared = {name: svc.vram_mib for name, svc in cfg.services.items()}
-        found = build_timeline(events, now=now, since=since_at, until=until_at, declared=declared)
         if device is not None:
             known = [d.index for d in found.devices]
             if device not in known:

@@ -141,7 +141,8 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class Timeline:
-    """Segments and markers in ``[since, until]``; ``services`` in order of first start;
+    """Segments and markers in ``[since, until]``; ``services``, those they name, in the
+    order the log first names them;
     ``log_start`` is the time of the first event read (None: the log was empty), so a
     window longer than the log can be drawn from where the log begins."""
 
@@ -261,6 +262,8 @@ class _Folder:
 
     def mark(self, event: RecordedEvent, service: str, device: int | None) -> None:
         kind = MARKER_KINDS[event.type]
+        if service != COORDINATOR_STREAM:
+            self.order.setdefault(service, None)
         self.markers.append(
             Marker(event.at, event.seq, service, device, kind, event.type, _reason(event))
         )
@@ -329,10 +332,10 @@ def build_timeline(
     folder = _Folder(declared or {})
     log_start: datetime | None = None
     for event in events:
-        if until is not None and event.at > until:
-            continue  # not break: seq order is not strictly time order across writers
         if log_start is None:
             log_start = event.at
+        if until is not None and event.at > until:
+            continue  # not break: seq order is not strictly time order across writers
         folder.fold(event)
     finished = [*folder.done, *((o, None) for o in folder.open.values())]
     segments = [s for o, e in finished for s in _clip(o, e, since, until, now)]
