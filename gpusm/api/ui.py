@@ -38,7 +38,14 @@ from gpusm.ports import EventQuery
 from gpusm.timeline import DeviceInfo, Timeline, read_timeline
 from gpusm.wire import to_json
 
-__all__ = ["CSP", "SECURITY_HEADERS", "TimelineAnswer", "build_ui_router", "static_files"]
+__all__ = [
+    "CSP",
+    "SECURITY_HEADERS",
+    "TimelineAnswer",
+    "build_ui_router",
+    "static_files",
+    "timeline_of",
+]
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
