@@ -16,7 +16,7 @@ from gpusm.api.server import bind, bound_port, make_server
 from gpusm.api.state import ApiState
 from gpusm.config import Config
 from gpusm.errors import GpusmError
-from gpusm.wire import Listen
+from gpusm.wire import Listen, parse_listen
 
 __all__ = ["ThreadedServer"]
 
@@ -33,6 +33,8 @@ class ThreadedServer:
     ) -> None:
         self.app = create_app(config, **app_kwargs)
         self._listen = Listen(host, port)
+        # The services' own listeners are served too, as by ``gpusm serve``.
+        self._listeners = [parse_listen(address, "listen") for address in config.listens()]
         self._server = make_server(self.app)
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -51,8 +53,9 @@ class ThreadedServer:
         """Bind, serve in a thread, and wait until uvicorn has started."""
         sock = bind(self._listen)
         self.port = bound_port(sock)
+        sockets = [sock, *(bind(listen) for listen in self._listeners)]
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="gpusm-api", daemon=True
+            target=self._server.run, kwargs={"sockets": sockets}, name="gpusm-api", daemon=True
         )
         self._thread.start()
         deadline = time.monotonic() + timeout

@@ -180,6 +180,10 @@ class _Handler(ClientRoutes, BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
+        if path == "/v1/audio/transcriptions":
+            # OpenAI's upload shape (multipart: model, file): what arrived, in full.
+            self.reply(200, {"text": f"{len(raw)} bytes", "bytes": len(raw)})
+            return
         try:
             body = json.loads(raw) if raw.strip() else {}
         except ValueError:
