@@ -26,8 +26,23 @@ need not be contiguous), never an append still in flight.
 
 **Waking.** One watcher per app reads the newest seq every :data:`POLL_S` seconds while
 any stream is open (one indexed row, whoever writes: this daemon, ``gpusm`` commands
-on the same database) and wakes the streams when it moved; each then reads what is
-new for its filters in a worker thread. Idle streams cost no reads of their own.
+on the same database) and wakes the streams when it moved. Idle streams cost no reads
+of their own.
+
+**One read per wake.** A woken stream asks the hub for what is new after its position
+(:meth:`StreamHub.read`). Streams that ask for the same read at the same time share it:
+same filters (``service``; ``type`` as a set), same position (``seq > last
+delivered``) and same head seen by the watcher. The first one starts the read in a
+worker thread, which also encodes the events as SSE frames; the others await it, and
+every one of them sends the same bytes. With many subscribers following the log
+together (a dashboard per browser tab, workers), a wake costs one store read, one
+worker thread and one encoding instead of one per stream. A read is shared only while
+it is in flight, never kept: a stream that asks later reads again. Sharing cannot
+break the guarantee above, because a shared read answers exactly the query each of its
+streams would have sent, and it started after the watcher saw that head, so it holds
+every event up to it. A stream that hangs up stops waiting; the read goes on for the
+others. Streams at different positions or with different filters each read on their
+own, as before.
 
 A stream ends when the client hangs up, when the daemon stops (the coordinator is
 closed), or when :func:`close_streams` is called (e.g. at the start of a shutdown, so
@@ -41,6 +56,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -55,7 +71,15 @@ from gpusm.errors import GpusmError
 from gpusm.ports import EventQuery
 from gpusm.wire import to_json
 
-__all__ = ["MAX_SEQ", "POLL_S", "StreamHub", "build_stream_router", "close_streams", "sse_frame"]
+__all__ = [
+    "MAX_SEQ",
+    "POLL_S",
+    "Page",
+    "StreamHub",
+    "build_stream_router",
+    "close_streams",
+    "sse_frame",
+]
 
 _log = logging.getLogger("gpusm.api")
 
@@ -85,6 +109,8 @@ _SSE_EVENT = {
     "required": ["id", "event", "data"],
 }
 _HUBS: weakref.WeakKeyDictionary[ApiState, StreamHub] = weakref.WeakKeyDictionary()
+# Which reads are the same: the coordinator (its id), the query (types sorted), the head seen.
+_ReadKey = tuple[int, EventQuery, int]
 
 
 def sse_frame(event: RecordedEvent) -> bytes:
@@ -92,6 +118,36 @@ def sse_frame(event: RecordedEvent) -> bytes:
     kind = "".join(ch for ch in event.type if ch not in "\r\n")
     # Compact JSON never holds a raw newline (they are escaped), so data is one line.
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, kind.encode(), to_json(event))
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One read of the log for the streams that asked for it, ready to send."""
+
+    # The events as SSE messages (:func:`sse_frame`), in seq order; b"" when none.
+    frames: bytes
+    # The seq of the last event read, where the streams go on from; None when none.
+    last_seq: int | None
+    # The read returned as many events as it asked for: more may wait, read on at once.
+    full: bool
+
+
+def _read_page(coordinator: Coordinator, query: EventQuery) -> Page:
+    """Read and encode (in a worker thread: both take time the event loop should not)."""
+    found = coordinator.events(query)
+    return Page(
+        frames=b"".join(sse_frame(e) for e in found),
+        last_seq=found[-1].seq if found else None,
+        full=query.limit is not None and len(found) >= query.limit,
+    )
+
+
+def _read_key(coordinator: Coordinator, query: EventQuery, seen: int) -> _ReadKey:
+    types = query.types
+    if types is not None:
+        # A set filter: the order and repeats of ``type=`` do not change what is read.
+        types = tuple(sorted({types} if isinstance(types, str) else set(types)))
+    return id(coordinator), replace(query, types=types), seen
 
 
 def _head(coordinator: Coordinator) -> int:
@@ -113,6 +169,8 @@ class StreamHub:
         self._subscribers = 0
         self._task: asyncio.Task[None] | None = None
         self._grown: asyncio.Event | None = None
+        # The reads in flight, each shared by the streams awaiting it (see :meth:`read`).
+        self._reads: dict[_ReadKey, asyncio.Task[Page]] = {}
 
     def coordinator(self) -> Coordinator | None:
         """The coordinator to read, or None once the daemon is stopping."""
@@ -139,6 +197,38 @@ class StreamHub:
             self._grown = asyncio.Event()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._grown.wait(), timeout)
+
+    async def read(self, coordinator: Coordinator, query: EventQuery, seen: int) -> Page:
+        """The events ``coordinator`` holds for ``query`` (a stream's filters, its
+        position as ``after_seq`` and a ``limit``), read in a worker thread started after
+        the watcher saw head ``seen`` (so none up to it is missing).
+
+        Callers asking for the same read while it is in flight share it: one store read
+        and one encoding, the same :class:`Page` for each. A caller cancelled while it
+        waits (its client hung up) leaves the read running for the others. Raises what
+        the read raised (:class:`~gpusm.errors.GpusmError` when the store failed or the
+        coordinator was closed) in every caller that shared it.
+        """
+        key = _read_key(coordinator, query, seen)
+        task = self._reads.get(key)
+        if task is None:
+            # A task of its own, not the first caller's: that one may hang up first.
+            task = asyncio.ensure_future(anyio.to_thread.run_sync(_read_page, coordinator, key[1]))
+            self._reads[key] = task
+            task.add_done_callback(lambda done: self._read_done(key, done))
+        return await asyncio.shield(task)
+
+    def _read_done(self, key: _ReadKey, task: asyncio.Task[Page]) -> None:
+        # Forgotten once done: a stream asking later reads again, and sees newer events.
+        if self._reads.get(key) is task:
+            del self._reads[key]
+        if not task.cancelled():
+            task.exception()  # retrieved even when every caller had hung up (each raises it)
+
+    @property
+    def reads_in_flight(self) -> int:
+        """How many store reads the streams are waiting for now."""
+        return len(self._reads)
 
     def close(self) -> None:
         """End every open stream at its next wake (within :attr:`poll_s`); thread-safe."""
@@ -199,17 +289,17 @@ async def _events(hub: StreamHub, query: EventQuery, heartbeat_s: float) -> Asyn
         quiet_since = loop.time()
         while (coordinator := hub.coordinator()) is not None:
             seen = hub.head  # taken before the read: an append after it wakes the wait below
-            page = EventQuery(stream=query.stream, types=query.types, after_seq=last, limit=_BATCH)
+            ask = EventQuery(stream=query.stream, types=query.types, after_seq=last, limit=_BATCH)
             try:
-                found = await anyio.to_thread.run_sync(coordinator.events, page)
+                page = await hub.read(coordinator, ask, seen)  # shared with streams alike
             except GpusmError as exc:  # closed under us, or the store failed: the client resumes
                 _log.debug("event stream ends: %s", exc)
                 return
-            if found:
-                yield b"".join(sse_frame(e) for e in found)
-                last = found[-1].seq
+            if page.last_seq is not None:
+                yield page.frames
+                last = page.last_seq
                 quiet_since = loop.time()
-                if len(found) == _BATCH:
+                if page.full:
                     continue  # catching up: read on at once
             now = loop.time()
             if now - quiet_since >= heartbeat_s:

@@ -4,11 +4,12 @@ resume with ``Last-Event-ID`` after a forced disconnect and after ``kill -9`` of
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,17 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from gpusm.api.stream import close_streams
+from gpusm.api.state import ApiState
+from gpusm.api.stream import StreamHub, close_streams
 from gpusm.api.threaded import ThreadedServer
 from gpusm.cli.events_cmd import register
 from gpusm.client import Client, daemon_url
 from gpusm.domain.events import RecordedEvent
 from gpusm.ports import EventQuery
+from gpusm.store.memory import MemoryEventStore
 from tests.api.api_helpers import TOKEN, seed_config, write_config
 from tests.api.daemon_proc import Daemon
+from tests.coordinator.fakes_helpers import fake_config, fake_service, open_world
 from tests.support import eventually
 
 STREAM = "/gpu/events/stream"
@@ -256,6 +260,116 @@ def test_close_streams_ends_open_streams_at_once(server: ThreadedServer) -> None
     started = time.monotonic()
     server.stop()  # nothing left for the graceful shutdown to wait for
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(60)
+def test_many_streams_alike_each_get_every_event_once_others_only_their_own(
+    server: ThreadedServer, client: Client
+) -> None:
+    # Twenty streams with the same filters and position (whose reads the hub shares),
+    # one with a type filter, one that starts later in the log; all open while the
+    # events are recorded.
+    alike, total = 20, 1 + 2 * 5
+    connected = threading.Barrier(alike + 3)
+    found: dict[str, list[Message]] = {}
+    errors: list[BaseException] = []
+
+    def follow(name: str, want: int, params: Any = None) -> None:
+        def until(messages: list[Message]) -> bool:
+            if len(messages) == 1:  # the retry hint: this stream is open
+                connected.wait(20)
+            return len(events_of(messages)) >= want
+
+        try:
+            found[name] = read_stream(server.url, until, timeout_s=40, params=params)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    readers = [threading.Thread(target=follow, args=(f"s{i}", total)) for i in range(alike)]
+    readers.append(threading.Thread(target=follow, args=("released", 5, {"type": "LeaseReleased"})))
+    readers.append(threading.Thread(target=follow, args=("later", total - 3, {"after_seq": 3})))
+    for reader in readers:
+        reader.daemon = True
+        reader.start()
+    connected.wait(20)
+    make_events(client, 5)
+    for reader in readers:
+        reader.join(45)
+    assert errors == []
+    everything = log_seqs(server.url)
+    assert len(everything) == total
+    for i in range(alike):
+        assert seqs_of(found[f"s{i}"]) == everything, i
+    assert seqs_of(found["released"]) == log_seqs(server.url, type="LeaseReleased")
+    assert {m.event for m in events_of(found["released"])} == {"LeaseReleased"}
+    assert seqs_of(found["later"]) == everything[3:]
+
+
+class GatedStore(MemoryEventStore):
+    """The in-memory store, noting each read in seq order (what streams ask) in
+    :attr:`reads`; while :attr:`gate` is cleared, those reads wait for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[EventQuery] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def read(self, query: EventQuery | None = None) -> list[RecordedEvent]:
+        query = query or EventQuery()
+        if not query.newest_first:
+            self.reads.append(query)
+            assert self.gate.wait(20)
+        return super().read(query)
+
+
+def test_streams_asking_for_the_same_read_at_once_share_one(tmp_path: Path) -> None:
+    store = GatedStore()
+    config = fake_config(tmp_path, {"a": fake_service(1024)})
+    world = open_world(config, store=store)
+    coordinator = world.coordinator
+    hub = StreamHub(ApiState(config, TOKEN))
+    head = coordinator.events(EventQuery(newest_first=True, limit=1))[0].seq  # Recovered
+    same = EventQuery(types=["Recovered", "PhaseEntered"], after_seq=0, limit=500)
+
+    async def ask(query: EventQuery, seen: int = head) -> Any:
+        return await hub.read(coordinator, query, seen)
+
+    async def scenario() -> None:
+        store.gate.clear()
+        store.reads.clear()
+        shared = [asyncio.ensure_future(ask(same)) for _ in range(10)]
+        # The order of type= does not matter; the one that hangs up leaves the read running.
+        reordered = asyncio.ensure_future(ask(replace(same, types=["PhaseEntered", "Recovered"])))
+        hangs_up = asyncio.ensure_future(ask(same))
+        own = [
+            asyncio.ensure_future(ask(EventQuery(stream="a", after_seq=0, limit=500))),
+            asyncio.ensure_future(ask(EventQuery(types=same.types, after_seq=1, limit=500))),
+            asyncio.ensure_future(ask(same, seen=head + 1)),
+        ]
+        await asyncio.sleep(0)  # every caller has asked
+        assert hub.reads_in_flight == 4
+        hangs_up.cancel()
+        store.gate.set()
+        pages = await asyncio.gather(*shared, reordered)
+        assert all(page is pages[0] for page in pages)  # the same bytes for each
+        assert pages[0].last_seq == head
+        assert b"event: Recovered" in pages[0].frames
+        with pytest.raises(asyncio.CancelledError):
+            await hangs_up
+        others = await asyncio.gather(*own)
+        assert [page.last_seq for page in others] == [None, None, head]
+        assert len(store.reads) == 4
+        # Forgotten once done: asking again reads again.
+        assert hub.reads_in_flight == 0
+        assert (await ask(same)).frames == pages[0].frames
+        assert len(store.reads) == 5
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.gate.set()
+        coordinator.close()
 
 
 # ---------------------------------------------------------------- the client
