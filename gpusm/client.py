@@ -10,7 +10,8 @@
         gpu.release("worker-1")
 
 Results are the same frozen dataclasses the in-process coordinator returns
-(:class:`~gpusm.results.PhaseResult`, :class:`~gpusm.results.Status`,
+(:class:`~gpusm.results.PhaseResult`, :class:`~gpusm.results.Status` — from the daemon
+a :class:`~gpusm.wire.DaemonStatus`, which adds its webhooks —,
 :class:`~gpusm.domain.policy.Plan`, :class:`~gpusm.domain.events.RecordedEvent`), and
 refusals raise the same errors (:class:`~gpusm.errors.InsufficientVram` with its
 numbers, :class:`~gpusm.errors.UnknownName`, :class:`~gpusm.errors.RequestTimeout`,
@@ -45,8 +46,9 @@ from gpusm.domain.events import RecordedEvent
 from gpusm.domain.policy import Plan
 from gpusm.errors import GpusmError, RequestTimeout
 from gpusm.ports import EventQuery
-from gpusm.results import PhaseResult, ReloadResult, Status, StopNote
+from gpusm.results import PhaseResult, ReloadResult, StopNote
 from gpusm.wire import (
+    DaemonStatus,
     EventPage,
     ReleasedAll,
     Renewed,
@@ -179,9 +181,10 @@ class Client:
         )
         return found
 
-    def status(self) -> Status:
-        """Devices, services and leases now."""
-        return from_json(Status, self._json("GET", "/gpu/status", idempotent=True))
+    def status(self) -> DaemonStatus:
+        """Devices, services and leases now (a :class:`~gpusm.results.Status`, as the
+        coordinator's), and how each of the daemon's webhooks stands (``webhooks``)."""
+        return from_json(DaemonStatus, self._json("GET", "/gpu/status", idempotent=True))
 
     def enter_phase(
         self,

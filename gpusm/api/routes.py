@@ -28,9 +28,18 @@ from gpusm.api.stream import build_stream_router
 from gpusm.domain.policy import Plan
 from gpusm.engine.coordinator import Coordinator
 from gpusm.ports import EventQuery
-from gpusm.results import PhaseResult, ReloadResult, ServiceStatus, Status, StopNote
+from gpusm.results import PhaseResult, ReloadResult, ServiceStatus, StopNote
 from gpusm.version import VERSION as __version__
-from gpusm.wire import EventPage, Health, Problem, Released, ReleasedAll, Renewed, to_json
+from gpusm.wire import (
+    DaemonStatus,
+    EventPage,
+    Health,
+    Problem,
+    Released,
+    ReleasedAll,
+    Renewed,
+    to_json,
+)
 
 __all__ = ["build_router", "problem_responses"]
 
@@ -158,9 +167,10 @@ def _status_routes(router: APIRouter, state: ApiState, coord: Any) -> None:
             )
         )
 
-    @router.get("/gpu/status", response_model=Status, responses=problem_responses(*_ALWAYS))
+    @router.get("/gpu/status", response_model=DaemonStatus, responses=problem_responses(*_ALWAYS))
     async def status(coord: Coord) -> Response:
-        """Devices, services (state, pid, VRAM, leases, time in state) and leases now."""
+        """Devices, services (state, pid, VRAM, leases, time in state) and leases now, and
+        how each webhook's deliveries stand (``webhooks``: pending events, failures)."""
         return Response(await state.status_json(coord), media_type="application/json")
 
 

@@ -19,10 +19,11 @@ from gpusm.api.threaded import ThreadedServer
 from gpusm.client import Client, daemon_url, find_daemon
 from gpusm.domain.policy import Plan
 from gpusm.errors import GpusmError, InsufficientVram, RequestTimeout, UnknownName
-from gpusm.ports import EventQuery
+from gpusm.ports import EventQuery, WebhookStatus
 from gpusm.results import PhaseResult, Status, StopNote
-from gpusm.wire import from_json, problem_body, problem_for_error
+from gpusm.wire import DaemonStatus, from_json, problem_body, problem_for_error
 from tests.api.api_helpers import TOKEN, free_port, seed_config, write_config
+from tests.support import eventually
 
 Serve = Callable[..., ThreadedServer]
 
@@ -39,6 +40,8 @@ def test_verbs_return_the_same_types_as_the_coordinator(client: Client) -> None:
     assert result.started == ("vidi",)
     status = client.status()
     assert isinstance(status, Status)
+    assert isinstance(status, DaemonStatus)
+    assert status.webhooks == ()  # none configured
     assert status.leases == {"w1": "analysis"}
     vidi = next(s for s in status.services if s.name == "vidi")
     assert vidi.leased_by == ("w1",)
@@ -55,6 +58,30 @@ def test_verbs_return_the_same_types_as_the_coordinator(client: Client) -> None:
     assert {s.name for s in client.status().services if s.state == "healthy"} >= {"cosyvoice"}
     stopped = client.release_all()
     assert {n.service for n in stopped} >= {"vidi", "cosyvoice"}
+
+
+def test_status_tells_how_each_webhook_stands(serve: Serve, tmp_path: Path) -> None:
+    (tmp_path / "hook.secret").write_bytes(b"hook-secret")
+    url = f"http://127.0.0.1:{free_port()}/hook"  # nobody listens: every delivery fails
+    hook = {"name": "ops", "url": url, "secret_file": "hook.secret", "min_backoff_s": 0.05}
+    server = serve(write_config(tmp_path, seed_config(tmp_path, pipeline=[], notify=[hook])))
+    with Client(server.url, token=TOKEN) as client:
+
+        def failing() -> WebhookStatus | None:
+            found = client.status().webhooks
+            return found[0] if found and found[0].consecutive_failures else None
+
+        status = eventually(failing, 20, "a failed delivery in the status")
+    assert isinstance(status, WebhookStatus)
+    assert (status.name, status.url, status.events) == ("ops", url, ("*",))
+    assert status.pending >= 1  # recovery's event waits
+    assert "cannot reach the receiver" in (status.last_error or "")
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    answer = spec["paths"]["/gpu/status"]["get"]["responses"]["200"]["content"]
+    assert answer["application/json"]["schema"] == {"$ref": "#/components/schemas/DaemonStatus"}
+    # A daemon from before webhooks: the same answer without them.
+    older = from_json(DaemonStatus, {"recovered": True, "devices": [], "services": []})
+    assert older.webhooks == ()
 
 
 def test_insufficient_vram_comes_back_as_the_same_error_with_its_numbers(
