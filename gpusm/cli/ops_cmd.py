@@ -46,6 +46,7 @@ from gpusm.client import Client, daemon_url, find_daemon
 from gpusm.config import Config
 from gpusm.domain.policy import Plan
 from gpusm.results import PhaseResult, Status, StopNote
+from gpusm.wire import DaemonStatus
 
 __all__ = ["register"]
 
@@ -124,7 +125,8 @@ def _state(state: str) -> Text:
 
 
 def status_view(status: Status) -> Group:
-    """The status as Rich renderables: devices, services, leases."""
+    """The status as Rich renderables: devices, services, leases, and from a daemon with
+    webhooks one line each: where it posts, how many events wait, how it last failed."""
     devices = Table(box=None, title=None)
     for column in ("gpu", "name", "total", "used", "free", "foreign", "free for admission"):
         devices.add_column(column, no_wrap=True)
@@ -170,7 +172,22 @@ def status_view(status: Status) -> Group:
         )
     leases = ", ".join(f"{c} -> {p}" for c, p in sorted(status.leases.items())) or "none"
     recovery = "" if status.recovered else " (recovery has not finished)"
-    return Group(devices, Text(""), services, plain(f"leases: {leases}{recovery}"))
+    parts: list[Table | Text] = [devices, Text(""), services, plain(f"leases: {leases}{recovery}")]
+    if isinstance(status, DaemonStatus) and status.webhooks:
+        webhooks = Table(box=None)
+        for column in ("webhook", "url", "pending", "failures in a row"):
+            webhooks.add_column(column, no_wrap=True)
+        webhooks.add_column("last error", overflow="fold")
+        for w in status.webhooks:
+            webhooks.add_row(
+                plain(w.name),
+                plain(w.url),
+                str(w.pending),
+                plain(str(w.consecutive_failures), style="red" if w.consecutive_failures else ""),
+                plain(w.last_error or "-"),
+            )
+        parts += [Text(""), webhooks]
+    return Group(*parts)
 
 
 def progress_view(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from gpusm import Coordinator
 from gpusm.api.threaded import ThreadedServer
 from gpusm.cli.ops_cmd import register
 from gpusm.config import load_config
+from tests.support import eventually
 from tests.support.ports import free_port
 
 TOKEN = "cli-test-token"
@@ -230,6 +232,29 @@ def test_subprocess_status_json_in_process_and_via_daemon(config: Path) -> None:
     assert via.returncode == 0, via.stderr
     assert f"via daemon at {server.url}" in via.stderr
     assert {s["name"] for s in json.loads(via.stdout)["services"]} == set(SERVICES)
+
+
+def test_status_via_a_daemon_shows_one_line_per_webhook(app: typer.Typer, tmp_path: Path) -> None:
+    (tmp_path / "hook.secret").write_bytes(b"hook-secret")
+    url = f"http://127.0.0.1:{free_port()}/hook"  # nobody listens: every delivery fails
+    hook = {"name": "ops", "url": url, "secret_file": "hook.secret", "min_backoff_s": 0.05}
+    path = write_config(tmp_path, notify=[hook])
+    cfg = load_config(path)
+    host, _, port = cfg.api.listen.rpartition(":")
+    with ThreadedServer(cfg, host=host, port=int(port), token=TOKEN) as server:
+        server.wait_recovered()
+        eventually(lambda: server.state.webhooks()[0].consecutive_failures, 20, "a failure")
+        table = run(app, path, "status", GPUSM_TOKEN=TOKEN)
+        as_json = run(app, path, "status", "--json", GPUSM_TOKEN=TOKEN)
+    assert table.exit_code == 0, table.output
+    assert re.search(r"^ *webhook +url +pending +failures in a row +last error", table.stdout, re.M)
+    line = re.escape(url) + r" +[1-9]\d* +[1-9]\d* +cannot reach the receiver"
+    assert re.search(rf"^ *ops +{line}", table.stdout, re.M), table.stdout
+    assert [w["name"] for w in json.loads(as_json.stdout)["webhooks"]] == ["ops"]
+    # In-process there are no deliveries to show.
+    alone = run(app, path, "status")
+    assert "running in-process" in alone.stderr
+    assert "webhook" not in alone.stdout
 
 
 # ---------------------------------------------------------------- doctor
