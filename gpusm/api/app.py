@@ -27,8 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpusm.api.problems import HttpProblem
-from gpusm.api.proxy import Proxy, build_proxy_router
-from gpusm.api.proxy_listen import Listeners, listener_ports
+from gpusm.api.proxy import Proxy
+from gpusm.api.proxy_routes import ProxyRoutes, listener_ports
 from gpusm.api.routes import build_router
 from gpusm.api.security import HostGuard
 from gpusm.api.state import ApiState, CoordinatorFactory
@@ -200,12 +200,15 @@ def create_app(
         stop_services_on_exit=stop_services_on_exit,
     )
 
+    proxy = Proxy(state)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = _THREADS
         state.start_recovery()
         try:
-            yield
+            async with proxy.running():
+                yield
         finally:
             await anyio.to_thread.run_sync(state.close)
 
@@ -213,12 +216,10 @@ def create_app(
     app.state.gpusm = state
     app.include_router(build_router(state))
     app.include_router(build_ui_router(state))  # /ui, /gpu/timeline
-    proxy = Proxy(state)
-    # After the daemon's own routes: /v1 and /api never shadow them.
-    app.include_router(build_proxy_router(proxy))
     _install_handlers(app, state)
-    # Inside the gate: a service's own listener has the same Host check and 503s.
-    app.add_middleware(Listeners, proxy=proxy, ports=listener_ports(config))
+    # In front of the router, inside the gate: the proxy's paths and the services' own
+    # listeners have the same Host check and 503s while recovering.
+    app.add_middleware(ProxyRoutes, proxy=proxy, ports=listener_ports(config))
     hosts = [h.rpartition(":")[0] for h in (config.api.listen, *config.listens())]
     app.add_middleware(_Gate, state=state, guard=HostGuard([*hosts, *extra_hosts]))
     if config.api.cors_origins:

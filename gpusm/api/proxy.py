@@ -19,6 +19,7 @@ released however the request ends. Every route needs the daemon's bearer token (
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import secrets
@@ -30,25 +31,25 @@ from functools import partial
 from typing import Any
 
 import anyio.to_thread
-import httpx
-from fastapi import APIRouter, FastAPI, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
+from fastapi import Request, WebSocket
+from fastapi.responses import Response
 from starlette.requests import HTTPConnection
 
 from gpusm.api.problems import HttpProblem
-from gpusm.api.proxy_http import UPSTREAM_TIMEOUT, Body, Relay, nothing, open_upstream
+from gpusm.api.proxy_http import Buffered, Relay, nothing, open_upstream, read_small
 from gpusm.api.proxy_keys import Caller, KeyRing
 from gpusm.api.proxy_models import (
     model_in_body,
     model_in_form,
     model_in_multipart,
-    model_list,
     multipart_boundary,
     names_model_in_body,
     route_model,
 )
 from gpusm.api.proxy_ws import TRY_AGAIN_LATER, relay_websocket, websocket_url
 from gpusm.api.state import ApiState
+from gpusm.api.upstream import Body, UpstreamPool
+from gpusm.config import Config, ServiceConfig
 from gpusm.domain.states import State
 from gpusm.engine.coordinator import Coordinator
 from gpusm.errors import (
@@ -60,13 +61,12 @@ from gpusm.errors import (
 )
 from gpusm.results import PhaseResult
 
-__all__ = ["CLIENT_GONE", "MODEL_BODY_LIMIT", "Proxy", "build_proxy_router", "rest_of_path"]
+__all__ = ["CLIENT_GONE", "MODEL_BODY_LIMIT", "Proxy", "rest_of_path", "route_by_model"]
 
 _log = logging.getLogger("gpusm.api.proxy")
 
 # A body read to find its model is held in memory: no bigger than this.
 MODEL_BODY_LIMIT = 1 << 20
-_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 # Retry-After when the service could not be made ready: about one more load's worth.
 _RETRY_MIN_S = 1
 _RETRY_MAX_S = 60
@@ -86,6 +86,36 @@ def _retry_after(coordinator: Coordinator, service: str) -> str:
     return str(min(_RETRY_MAX_S, max(_RETRY_MIN_S, math.ceil(load))))
 
 
+class _Meters:
+    """The proxy's metric children, labelled once per service (and status code):
+    ``labels()`` costs more than the proxy can spend on every request."""
+
+    def __init__(self, metrics: Any) -> None:
+        self._metrics = metrics
+        self._children: dict[tuple[str, str, str], Any] = {}
+
+    def _child(self, family: str, service: str, code: str = "") -> Any:
+        key = (family, service, code)
+        child = self._children.get(key)
+        if child is None:
+            metric = getattr(self._metrics, family)
+            child = metric.labels(service, code) if code else metric.labels(service)
+            self._children[key] = child
+        return child
+
+    def requests(self, service: str, code: str) -> Any:
+        """``gpusm_proxy_requests_total{service,code}``."""
+        return self._child("proxy_requests", service, code)
+
+    def inflight(self, service: str) -> Any:
+        """``gpusm_proxy_inflight{service}``."""
+        return self._child("proxy_inflight", service)
+
+    def wait(self, service: str) -> Any:
+        """``gpusm_proxy_wait_seconds{service}``."""
+        return self._child("proxy_wait", service)
+
+
 class Proxy:
     """The proxy's shared part: the upstream client, the keys, leases, forwarding.
 
@@ -95,19 +125,33 @@ class Proxy:
 
     def __init__(self, state: ApiState) -> None:
         self.state = state
-        self.http: httpx.AsyncClient | None = None
+        self.http: UpstreamPool | None = None
         self.keys = KeyRing()
+        self.meters = _Meters(state.metrics)
+        # service -> (the config it was worked out for, its upstream's base URL)
+        self._bases: dict[str, tuple[ServiceConfig, str]] = {}
+        self._id_prefix = secrets.token_hex(3)
+        self._ids = itertools.count(1)
 
     @asynccontextmanager
-    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        # No pooled connection outlives the server, and the environment's proxy
-        # settings never apply: upstreams are this machine's services.
-        async with httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, trust_env=False) as http:
-            self.http = http
-            try:
-                yield
-            finally:
-                self.http = None
+    async def running(self) -> AsyncIterator[None]:
+        """The upstream connections' lifetime: the app's."""
+        # No pooled connection outlives the server.
+        self.http = UpstreamPool()
+        try:
+            yield
+        finally:
+            http, self.http = self.http, None
+            await http.aclose()
+
+    def _request_id(self) -> str:
+        """Unique in this daemon's life (and unlike another daemon's): a random prefix
+        and a count, which costs no system call per request."""
+        return f"{self._id_prefix}{next(self._ids):x}"
+
+    def config(self) -> Config:
+        """The running config (503 while recovering)."""
+        return _coordinator(self.state).config
 
     def caller(self, connection: HTTPConnection) -> Caller:
         """The key a request (or WebSocket) authenticated with; 401 when none."""
@@ -131,24 +175,16 @@ class Proxy:
         relayed (under no lease) while the service is healthy, else refused (503)."""
         coordinator = _coordinator(self.state)
         caller.check(service)
-        config = coordinator.config.service(service)
-        base = config.upstream_url()
-        if base is None:
-            raise HttpProblem(
-                "config-error",
-                f"service {service!r} has no upstream to proxy to: set "
-                f"services.{service}.upstream, or give it an HTTP health check",
-            )
+        config, base = self._upstream(coordinator, service)
         http = self.http
         if http is None:
             raise self.state.unavailable()
-        query = request.url.query
-        url = base + path + (f"?{query}" if query else "")
-        metrics = self.state.metrics
-        if config.ignores(path.partition("?")[0]):
-            return await self._pass_through(request, coordinator, service, url, body)
-        client = f"proxy:{caller.key}:{secrets.token_hex(6)}"
-        inflight = metrics.proxy_inflight.labels(service)
+        query = request.scope.get("query_string", b"")
+        target = path + ("?" + query.decode("latin-1") if query else "")
+        if config.ignores(path):
+            return await self._pass_through(request, coordinator, service, base, target, body)
+        client = f"proxy:{caller.key}:{self._request_id()}"
+        inflight = self.meters.inflight(service)
         inflight.inc()
         released = False
 
@@ -158,35 +194,44 @@ class Proxy:
                 return
             released = True
             inflight.dec()
+            # On the loop when the engine's lock is free (the common case), else in a
+            # worker thread, which may wait for it.
             with suppress(GpusmError):
-                await anyio.to_thread.run_sync(partial(coordinator.end_client, client, True))
+                if not coordinator.try_end_client(client, True):
+                    await anyio.to_thread.run_sync(partial(coordinator.end_client, client, True))
 
         try:
             # The client can be watched for hanging up only once nothing of its body is
             # left unread (the watcher reads what the connection sends next).
             watch = isinstance(body, bytes) or not _has_body(request)
-            result = await self._ensure_watching(
-                request, coordinator, service, client, caller, watch
-            )
+            # A healthy service is held at once, on the loop (no thread, no wait).
+            result = coordinator.try_hold(service, client, caller.priority)
             if result is None:
-                metrics.proxy_requests.labels(service, str(CLIENT_GONE)).inc()
+                result = await self._ensure_watching(
+                    request, coordinator, service, client, caller, watch
+                )
+            if result is None:
+                self.meters.requests(service, str(CLIENT_GONE)).inc()
                 with anyio.CancelScope(shield=True):
                     await release()
                 return Response(status_code=CLIENT_GONE)
-            metrics.proxy_wait.labels(service).observe(result.waited_s)
+            self.meters.wait(service).observe(result.waited_s)
             if result.started or result.stopped:
                 route = f"{request.method} {request.url.path}"
                 await anyio.to_thread.run_sync(
                     coordinator.note_proxied, _audit(route, model, client, service, result)
                 )
-            upstream = await open_upstream(http, request, url, service, body)
+            upstream = await open_upstream(http, request, base, target, service, body)
+            whole = await read_small(upstream, service)
         except BaseException as exc:
             code = str(exc.status) if isinstance(exc, HttpProblem) else "error"
-            metrics.proxy_requests.labels(service, code).inc()
+            self.meters.requests(service, code).inc()
             with anyio.CancelScope(shield=True):
                 await release()
             raise
-        metrics.proxy_requests.labels(service, str(upstream.status_code)).inc()
+        self.meters.requests(service, str(upstream.status_code)).inc()
+        if whole is not None:
+            return Buffered(upstream, whole, release)
         return Relay(upstream, service, release)
 
     async def forward_websocket(
@@ -214,7 +259,7 @@ class Proxy:
             else:
                 await websocket.close(TRY_AGAIN_LATER)
             return
-        client = f"proxy:{caller.key}:{secrets.token_hex(6)}"
+        client = f"proxy:{caller.key}:{self._request_id()}"
         try:
             await self._ensure(coordinator, service, client, caller, threading.Event())
             await relay_websocket(websocket, url, service)
@@ -224,14 +269,35 @@ class Proxy:
             with anyio.CancelScope(shield=True), suppress(GpusmError):
                 await anyio.to_thread.run_sync(partial(coordinator.end_client, client, True))
 
+    def _upstream(self, coordinator: Coordinator, service: str) -> tuple[ServiceConfig, str]:
+        """The service's config and its upstream's base URL (worked out once per config)."""
+        config = coordinator.config.service(service)
+        known = self._bases.get(service)
+        if known is not None and known[0] is config:
+            return config, known[1]
+        base = config.upstream_url()
+        if base is None:
+            raise HttpProblem(
+                "config-error",
+                f"service {service!r} has no upstream to proxy to: set "
+                f"services.{service}.upstream, or give it an HTTP health check",
+            )
+        self._bases[service] = (config, base)
+        return config, base
+
     async def _pass_through(
-        self, request: Request, coordinator: Coordinator, service: str, url: str, body: Body
+        self,
+        request: Request,
+        coordinator: Coordinator,
+        service: str,
+        base: str,
+        target: str,
+        body: Body,
     ) -> Response:
         """A request on an ignored path: relayed only while the service is healthy."""
-        metrics = self.state.metrics
         state = coordinator.service_state(service)
         if state is not State.HEALTHY:
-            metrics.proxy_requests.labels(service, "503").inc()
+            self.meters.requests(service, "503").inc()
             raise HttpProblem(
                 "service-unavailable",
                 f"service {service!r} is {state.value}, and {request.url.path} is one of its "
@@ -240,8 +306,8 @@ class Proxy:
                 service=service,
             )
         assert self.http is not None
-        upstream = await open_upstream(self.http, request, url, service, body)
-        metrics.proxy_requests.labels(service, str(upstream.status_code)).inc()
+        upstream = await open_upstream(self.http, request, base, target, service, body)
+        self.meters.requests(service, str(upstream.status_code)).inc()
         return Relay(upstream, service, nothing)
 
     async def _ensure_watching(
@@ -370,11 +436,10 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers or (length is not None and length != "0")
 
 
-async def _route_by_model(state: ApiState, request: Request) -> tuple[str, Body, str]:
+async def route_by_model(config: Config, request: Request) -> tuple[str, Body, str]:
     """The service the request's model maps to, the body as far as it was read for that
     (bytes, or what was read followed by the rest still streaming), and the model."""
-    coordinator = _coordinator(state)
-    models = coordinator.config.models
+    models = config.models
     body: Body = None
     model: str | None = None
     content_type = request.headers.get("content-type")
@@ -445,43 +510,3 @@ def rest_of_path(scope: Mapping[str, Any], skip: int) -> str:
         path += "?" + query.decode("latin-1")
     rest = path.split("/", skip + 1)
     return "/" + (rest[skip + 1] if len(rest) > skip + 1 else "")
-
-
-def build_proxy_router(proxy: Proxy) -> APIRouter:
-    """The proxy's routes on the API's port; include it after the daemon's own routes
-    (its lifespan opens and closes the upstream client)."""
-    state = proxy.state
-    router = APIRouter(lifespan=proxy.lifespan)
-
-    @router.get("/v1/models", include_in_schema=False)
-    async def models(request: Request) -> Response:
-        proxy.caller(request)
-        return JSONResponse(model_list(_coordinator(state).config.models))
-
-    @router.api_route("/svc/{service}", methods=_METHODS, include_in_schema=False)
-    @router.api_route("/svc/{service}/{path:path}", methods=_METHODS, include_in_schema=False)
-    async def by_service(request: Request, service: str) -> Response:
-        caller = proxy.caller(request)
-        path = rest_of_path(request.scope, 2).partition("?")[0]
-        return await proxy.forward(request, caller, service, path, None)
-
-    @router.websocket("/svc/{service}/{path:path}")
-    async def websocket_by_service(websocket: WebSocket, service: str) -> None:
-        try:
-            caller = proxy.caller(websocket)
-        except HttpProblem:
-            await websocket.close(1008)
-            return
-        await proxy.forward_websocket(websocket, caller, service, rest_of_path(websocket.scope, 2))
-
-    async def by_model(request: Request) -> Response:
-        caller = proxy.caller(request)
-        service, body, model = await _route_by_model(state, request)
-        path = rest_of_path(request.scope, 0).partition("?")[0]
-        return await proxy.forward(request, caller, service, path, body, model)
-
-    for prefix in ("/v1", "/api"):
-        router.add_api_route(
-            prefix + "/{path:path}", by_model, methods=_METHODS, include_in_schema=False
-        )
-    return router

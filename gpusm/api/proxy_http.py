@@ -8,22 +8,23 @@ hung up, the upstream broke, the server is stopping), and the caller releases th
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import suppress
 
 import anyio
-import httpx
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gpusm.api.problems import HttpProblem
+from gpusm.api.upstream import Body, UpstreamError, UpstreamPool, UpstreamResponse
 
 __all__ = [
     "HOP_BY_HOP",
     "Body",
+    "SMALL_BODY",
+    "Buffered",
     "Relay",
-    "UPSTREAM_TIMEOUT",
     "nothing",
     "open_upstream",
     "request_headers",
@@ -32,10 +33,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("gpusm.api.proxy")
-
-# A request body as the proxy holds it: None (stream the client's as it arrives), all
-# of it (read to find the model), or what was read followed by the rest, streaming.
-Body = bytes | AsyncIterator[bytes] | None
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -54,9 +51,6 @@ HOP_BY_HOP = frozenset(
 # The proxy's own: the host is the upstream's, the credential is gpusm's (never the
 # upstream's business), the length is set again for a body that was read.
 _NOT_FORWARDED = frozenset({"host", "authorization", "content-length"})
-# Connecting is local and quick; an answer (a long generation) may take minutes, and a
-# stream may pause between chunks for as long.
-UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=600.0, pool=10.0)
 
 
 def _hop_by_hop(headers: Iterable[tuple[str, str]]) -> set[str]:
@@ -93,63 +87,103 @@ def request_headers(request: Request, *, keep_length: bool) -> list[tuple[str, s
     return out
 
 
-def response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+def response_headers(upstream: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     """The upstream's headers as sent back: raw (repeated ones such as ``Set-Cookie``
     kept), without hop-by-hop ones. ``Content-Length`` and ``Content-Encoding`` stay:
-    the body goes back as the raw bytes it came as."""
-    raw = upstream.headers.raw
+    the body goes back as the bytes it came as (its chunked framing taken off)."""
+    raw = upstream.raw_headers
     drop = _hop_by_hop((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
-    return [(k.lower(), v) for k, v in raw if k.decode("latin-1").lower() not in drop]
+    return [(k, v) for k, v in raw if k.decode("latin-1") not in drop]
 
 
-def upstream_problem(service: str, url: str, exc: httpx.HTTPError) -> HttpProblem:
-    """The problem for an upstream that could not be reached (502) or did not answer
-    in time (504)."""
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+def upstream_problem(service: str, url: str, exc: UpstreamError) -> HttpProblem:
+    """The problem for an upstream that could not be reached or broke the protocol
+    (502), or did not answer in time (504)."""
+    if exc.timed_out:
         return HttpProblem(
             "upstream-timeout",
-            f"service {service!r} did not answer in time at {url} ({type(exc).__name__})",
+            f"service {service!r} did not answer in time at {url} ({exc})",
             service=service,
         )
-    why = str(exc) or type(exc).__name__
     return HttpProblem(
         "upstream-unreachable",
-        f"service {service!r} is running but its upstream {url} failed: {why}",
+        f"service {service!r} is running but its upstream {url} failed: {exc}",
         service=service,
     )
 
 
 async def open_upstream(
-    http: httpx.AsyncClient,
+    pool: UpstreamPool,
     request: Request,
-    url: str,
+    base: str,
+    target: str,
     service: str,
     body: Body,
-) -> httpx.Response:
-    """Send ``request`` to ``url`` and return once the upstream's headers are in (the
-    body is still to be read). ``body``: see :data:`Body`. An HttpProblem (502/504)
-    when that fails."""
+) -> UpstreamResponse:
+    """Send ``request`` to ``base`` + ``target`` and return once the upstream's headers
+    are in (the body is still to be read). ``body``: see
+    :data:`~gpusm.api.upstream.Body`; None streams the client's body through as it
+    arrives. An HttpProblem (502/504) when that fails."""
     streams = "content-length" in request.headers or "transfer-encoding" in request.headers
     content: Body = body
     if content is None and streams:
         content = request.stream()
     headers = request_headers(request, keep_length=not isinstance(body, bytes))
-    outgoing = http.build_request(request.method, url, headers=headers, content=content)
     try:
-        return await http.send(outgoing, stream=True)
-    except httpx.HTTPError as exc:
-        raise upstream_problem(service, url, exc) from exc
+        return await pool.send(request.method, base, target, headers, content)
+    except UpstreamError as exc:
+        raise upstream_problem(service, base + target, exc) from exc
 
 
-async def _chunks(upstream: httpx.Response, service: str) -> AsyncGenerator[bytes, None]:
+async def _chunks(upstream: UpstreamResponse, service: str) -> AsyncGenerator[bytes, None]:
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk
-    except httpx.HTTPError as exc:
+    except UpstreamError as exc:
         # The status line is gone already: all that is left is to cut the answer short,
         # so the client sees a broken body rather than a complete one.
         _log.warning("service %s broke off its answer: %s", service, exc)
         raise
+
+
+# An answer this small (with its length said) is read whole and sent in one piece:
+# streaming it would cost more than waiting for it.
+SMALL_BODY = 1 << 16
+
+
+async def read_small(upstream: UpstreamResponse, service: str) -> bytes | None:
+    """The whole body when the upstream said it is at most :data:`SMALL_BODY` bytes;
+    None (stream it) otherwise. An HttpProblem (502/504) when reading fails."""
+    length = upstream.length
+    if length is None or length > SMALL_BODY:
+        return None
+    try:
+        return await upstream.read()
+    except UpstreamError as exc:
+        await upstream.aclose()
+        raise upstream_problem(service, "its answer", exc) from exc
+
+
+class Buffered(Response):
+    """A small upstream answer, whole; ``on_close`` is awaited once, shielded, however
+    the sending ends."""
+
+    def __init__(
+        self,
+        upstream: UpstreamResponse,
+        body: bytes,
+        on_close: Callable[[], Awaitable[None]],
+    ) -> None:
+        super().__init__(body, status_code=upstream.status_code)
+        self.raw_headers = response_headers(upstream)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
 
 
 class Relay(StreamingResponse):
@@ -158,7 +192,7 @@ class Relay(StreamingResponse):
 
     def __init__(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         service: str,
         on_close: Callable[[], Awaitable[None]],
     ) -> None:

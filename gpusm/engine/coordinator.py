@@ -220,6 +220,45 @@ class Coordinator:
         )
         return self._enter(request, client, timeout, priority)
 
+    def try_hold(self, name: str, client: str, priority: int | None = None) -> PhaseResult | None:
+        """:meth:`ensure_service` (quiet, no TTL) without blocking, for a service that is
+        healthy now: hold it for ``client`` if the engine's lock is free this instant,
+        and return what ensure_service would; None when it cannot be done at once (the
+        lock is taken, the service is not healthy, the coordinator is closing) — then
+        call ensure_service. For an event loop, which must not wait on the lock."""
+        engine = self._engine
+        if not engine.cond.acquire(blocking=False):
+            return None
+        try:
+            slot = engine.slots.get(name)
+            if (
+                engine.closed
+                or self._admission.closing
+                or slot is None
+                or slot.removed
+                or slot.state is not State.HEALTHY
+                or client in engine.leases
+            ):
+                return None
+            prio = priority if priority is not None else slot.config.priority
+            engine.leases.hold(client, Lease(f"service:{name}", frozenset([name]), prio, None))
+            slot.touch(engine.clock.monotonic())
+            engine.cond.notify_all()
+        finally:
+            engine.cond.release()
+        return PhaseResult(
+            phase=f"service:{name}",
+            client=client,
+            started=(),
+            kept=(name,),
+            stopped=(),
+            waited_s=0.0,
+            free_before_mib=None,
+            free_after_mib=None,
+            prefetching=(),
+            lease_revoked=None,
+        )
+
     def cancel(self, cancelled: threading.Event) -> None:
         """Set ``cancelled`` (given to :meth:`ensure_service`) and wake the waiting
         request at once, not at its next poll."""
@@ -398,17 +437,31 @@ class Coordinator:
         note of its revocation and its request lock, so that a daemon serving millions
         of one-off clients keeps nothing of them. ``quiet``: no ``LeaseReleased``."""
         with self._engine.cond:
-            lease = self._engine.leases.drop(client)
-            if lease is not None:
-                self._touch(lease.services)
-                if not quiet:
-                    data = {"client": client, "phase": lease.phase}
-                    self._engine.note(ev.LeaseReleased(data=data))
-            self._engine.cond.notify_all()
-            self._engine.leases.take_revocation(client)
-            lock = self._client_locks.get(client)
-            if lock is not None and not lock.locked():
-                del self._client_locks[client]
+            self._end_client_locked(client, quiet)
+
+    def try_end_client(self, client: str, quiet: bool = False) -> bool:
+        """:meth:`end_client` if the engine's lock is free this instant (True), else
+        nothing (False: call end_client). For an event loop."""
+        if not self._engine.cond.acquire(blocking=False):
+            return False
+        try:
+            self._end_client_locked(client, quiet)
+        finally:
+            self._engine.cond.release()
+        return True
+
+    def _end_client_locked(self, client: str, quiet: bool) -> None:
+        lease = self._engine.leases.drop(client)
+        if lease is not None:
+            self._touch(lease.services)
+            if not quiet:
+                data = {"client": client, "phase": lease.phase}
+                self._engine.note(ev.LeaseReleased(data=data))
+        self._engine.cond.notify_all()
+        self._engine.leases.take_revocation(client)
+        lock = self._client_locks.get(client)
+        if lock is not None and not lock.locked():
+            del self._client_locks[client]
 
     def release_all(self, by: str = "release_all") -> list[StopNote]:
         """Drop every lease and stop every running service (the plan's CPU-phase release)."""

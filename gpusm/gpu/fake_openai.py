@@ -23,8 +23,9 @@ server also answers, while serving (a parked server wakes first; loading or stop
 
 Token ``i`` (from 1) of a request for model ``M`` is ``"M-i "``, so a test can check
 what came through; ``max_tokens`` (default 16; Ollama: ``options.num_predict``) sets
-how many. The streams are close-delimited (the server speaks HTTP/1.0): each chunk is
-written to the socket as soon as it is produced.
+how many. The server keeps connections alive (HTTP/1.1), but the streams are
+close-delimited (``Connection: close``): each chunk is written to the socket as soon as
+it is produced.
 """
 
 from __future__ import annotations

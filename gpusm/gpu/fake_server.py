@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -152,6 +153,15 @@ class _Handler(ClientRoutes, BaseHTTPRequestHandler):
 
     fake: _Server
     sims: Sequence[SimGpu]
+    # Keep-alive, as the real servers (uvicorn, Go's net/http) keep connections open:
+    # every answer has a length, except the streams, which close their connection.
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        # An answer's headers and body are two writes: without NODELAY, a kept-alive
+        # connection waits for the client's delayed ACK (40 ms) between them.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def reply(self, status: int, doc: Any = None) -> None:
         body = b"" if doc is None else json.dumps(doc).encode()
