@@ -119,12 +119,15 @@ def test_evictions_preemptions_crashes_and_failed_starts_are_markers_with_their_
     log.add("b", "StartFailed", ("starting", "stopped"), 5, reason="exited with code 3")
     log.add("b", "GaveUp", ("stopped", "failed"), 6, reason="3 starts failed in 60s")
     log.add("coordinator", "PhaseEntered", at_s=7, phase="x")
+    refusal = "client w, phase x refused: need 9000 MiB, 2000 MiB free"
+    log.add("coordinator", "AdmissionRefused", at_s=8, reason=refusal, need_mib=9000)
     timeline = build_timeline(log.events, now=at(9))
     marks = [(m.service, m.device, m.kind, m.reason) for m in timeline.markers]
     assert marks == [
         ("a", 1, "evicted", "idle, to make room for b"),
         ("b", 1, "start-failed", "exited with code 3"),
         ("b", 1, "gave-up", "3 starts failed in 60s"),
+        ("coordinator", None, "oom-refused", refusal),
     ]
     assert [s.end_type for s in timeline.segments] == ["Stopped", "StartFailed"]
 

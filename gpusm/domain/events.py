@@ -34,6 +34,7 @@ __all__ = [
     "PhaseEntered",
     "Preempted",
     "PrefetchAbandoned",
+    "AdmissionRefused",
     "ProxiedRequest",
     "ProcessLaunched",
     "RecordedEvent",
@@ -207,6 +208,13 @@ class PrefetchAbandoned(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class AdmissionRefused(Event):
+    """A request was refused for lack of VRAM (``InsufficientVram``): data says for
+    which services, by whom, the MiB needed, free and held by foreign processes, and
+    what blocked it (coordinator stream)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProxiedRequest(Event):
     """A request through the proxy that started, woke or stopped something: data names
     the route, the model, the client, the service and how long it waited (coordinator
@@ -266,6 +274,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         WakeFailed,
         PhaseEntered,
         PrefetchAbandoned,
+        AdmissionRefused,
         ProxiedRequest,
         LeaseReleased,
         LeaseRevoked,

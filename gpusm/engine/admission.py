@@ -24,6 +24,7 @@ from gpusm.engine.parking import begin_park, begin_wake, finish_park, run_wake
 from gpusm.engine.state import Engine
 from gpusm.errors import (
     GpusmError,
+    InsufficientVram,
     RequestCancelled,
     RequestTimeout,
     ServiceStartFailed,
@@ -110,6 +111,8 @@ class Admission:
         except Exception as exc:
             if req.prefetch and req.stops:
                 self._abandon(req, f"{type(exc).__name__}: {exc}")
+            elif isinstance(exc, InsufficientVram) and not req.prefetch:
+                self._refused(req, exc)
             raise
         finally:
             with engine.cond:
@@ -214,6 +217,21 @@ class Admission:
                 if begin_drain(engine, slot, ev.DrainRequested(data=data)):
                     in_background(f"stop-{n}", partial(finish_stop, engine, slot))
         return RequestCancelled(f"{req.requester}: cancelled, the requester stopped waiting")
+
+    def _refused(self, req: Request, exc: InsufficientVram) -> None:
+        """Say in the log that ``req`` was refused for lack of VRAM (the timeline's
+        out-of-memory marker; the audit's "why did my request fail?")."""
+        data: dict[str, object] = {
+            "for": list(req.needed),
+            "by": req.client or req.requester,
+            "reason": f"{req.requester} refused: {exc}",
+            "need_mib": exc.need_mib,
+            "free_mib": exc.free_mib,
+            "foreign_mib": exc.foreign_mib,
+            "blocked_by": list(exc.blocked_by),
+        }
+        with self.engine.cond:
+            self.engine.note(ev.AdmissionRefused(data=data))
 
     def _timed_out(self, req: Request) -> GpusmError:
         if req.last_plan is not None and not req.last_plan.fits:

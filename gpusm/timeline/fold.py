@@ -54,6 +54,7 @@ MARKER_KINDS: Mapping[str, str] = {
     "ParkFailed": "park-failed",
     "GaveUp": "gave-up",
     "PrefetchAbandoned": "prefetch-abandoned",
+    "AdmissionRefused": "oom-refused",
 }
 _ACTIVE = frozenset(s.value for s in ACTIVE_STATES)
 # States that hold the full reservation (parking has not given it back yet).

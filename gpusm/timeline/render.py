@@ -32,7 +32,12 @@ PALETTE = (
     "#9c755f",
     "#bab0ac",
 )
-_MARKER_COLOURS = {"evicted": "#d97706", "preempted": "#dc2626", "crashed": "#111827"}
+_MARKER_COLOURS = {
+    "evicted": "#d97706",
+    "preempted": "#dc2626",
+    "crashed": "#111827",
+    "oom-refused": "#7c3aed",
+}
 _FAILURE_COLOUR = "#be123c"
 # Seconds between time ticks: the first that gives at most ten.
 _TICKS_S: tuple[int, ...] = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from gpusm.domain.events import COORDINATOR_STREAM
 from gpusm.domain.states import State
 from gpusm.errors import InsufficientVram, RequestCancelled
 from gpusm.results import PhaseResult
@@ -101,6 +102,12 @@ def test_an_explicit_priority_decides_preemption(world: World) -> None:
         world.clock.advance(1.0)  # past its deadline (the world's clock is manual)
         with pytest.raises(InsufficientVram, match="blocked by"):
             low.result(timeout=10)
+    # The refusal is in the log (the timeline's out-of-memory marker).
+    refused = world.last(COORDINATOR_STREAM, "AdmissionRefused")
+    assert refused["for"] == ["a"]
+    assert refused["by"] == "low"
+    assert refused["blocked_by"] == ["b"]
+    assert (refused["need_mib"], refused["free_mib"]) == (10000, 16384 - 10000)
     assert world.state("b") is State.HEALTHY
     # ...and one at priority 9 does: b is drained of its holder, then stopped.
     with ThreadPoolExecutor(1) as pool:
