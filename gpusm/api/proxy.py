@@ -242,13 +242,13 @@ class Proxy:
         refusal closes the handshake: 1008 for a key that may not use the service,
         1013 (try again later) when the service could not be made ready."""
         coordinator = _coordinator(self.state)
-        config = coordinator.config.service(service)
-        base = config.upstream_url()
         try:
             caller.check(service)
-        except HttpProblem:
-            await websocket.close(1008)
+            config = coordinator.config.service(service)
+        except (HttpProblem, GpusmError):
+            await websocket.close(1008)  # not this key's, or no such service
             return
+        base = config.upstream_url()
         if base is None:
             await websocket.close(1011)
             return
@@ -263,7 +263,8 @@ class Proxy:
         try:
             await self._ensure(coordinator, service, client, caller, threading.Event())
             await relay_websocket(websocket, url, service)
-        except HttpProblem:
+        except (HttpProblem, GpusmError) as exc:
+            _log.info("WebSocket for %s refused: %s", service, exc)
             await websocket.close(TRY_AGAIN_LATER)
         finally:
             with anyio.CancelScope(shield=True), suppress(GpusmError):
@@ -328,7 +329,7 @@ class Proxy:
         async def hang_up() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass  # the (empty or already read) body's last message
-            await anyio.to_thread.run_sync(coordinator.cancel, cancelled)
+            coordinator.cancel(cancelled)  # never blocks: no worker thread needed
 
         result: PhaseResult | None = None
         refused: Exception | None = None
@@ -469,8 +470,16 @@ async def _peek_multipart(request: Request, boundary: bytes) -> tuple[str | None
     chunks = request.stream().__aiter__()
     head = b""
     model: str | None = None
+    delimiter = b"--" + boundary
     async for chunk in chunks:
+        # Parsed again only when a part may have ended (a delimiter arrived), so a body
+        # sent in tiny pieces costs no more than one sent at once.
+        seen = len(head)
         head += chunk
+        if delimiter not in head[max(0, seen - len(delimiter)) :]:
+            if len(head) > MODEL_BODY_LIMIT:
+                break
+            continue
         model, decided = model_in_multipart(head, boundary)
         if decided or len(head) > MODEL_BODY_LIMIT:
             break

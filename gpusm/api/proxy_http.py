@@ -50,7 +50,7 @@ HOP_BY_HOP = frozenset(
 )
 # The proxy's own: the host is the upstream's, the credential is gpusm's (never the
 # upstream's business), the length is set again for a body that was read.
-_NOT_FORWARDED = frozenset({"host", "authorization", "content-length"})
+_NOT_FORWARDED = frozenset({"host", "authorization", "content-length", "expect"})
 
 
 def _hop_by_hop(headers: Iterable[tuple[str, str]]) -> set[str]:
@@ -93,6 +93,8 @@ def response_headers(upstream: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     the body goes back as the bytes it came as (its chunked framing taken off)."""
     raw = upstream.raw_headers
     drop = _hop_by_hop((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
+    if not upstream.length_is_true():
+        drop.add("content-length")
     return [(k, v) for k, v in raw if k.decode("latin-1") not in drop]
 
 
@@ -124,10 +126,12 @@ async def open_upstream(
     are in (the body is still to be read). ``body``: see
     :data:`~gpusm.api.upstream.Body`; None streams the client's body through as it
     arrives. An HttpProblem (502/504) when that fails."""
-    streams = "content-length" in request.headers or "transfer-encoding" in request.headers
+    length = request.headers.get("content-length")
+    streams = "transfer-encoding" in request.headers or length not in (None, "0")
     content: Body = body
-    if content is None and streams:
-        content = request.stream()
+    if content is None:
+        # An empty body is sent as such: never read again from the client.
+        content = request.stream() if streams else (b"" if length == "0" else None)
     headers = request_headers(request, keep_length=not isinstance(body, bytes))
     try:
         return await pool.send(request.method, base, target, headers, content)

@@ -22,13 +22,13 @@ from collections.abc import Mapping
 from urllib.parse import unquote
 
 from fastapi.responses import JSONResponse
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from gpusm.api.problems import HttpProblem
-from gpusm.api.proxy import Proxy, rest_of_path, route_by_model
+from gpusm.api.proxy import CLIENT_GONE, Proxy, rest_of_path, route_by_model
 from gpusm.api.proxy_keys import Caller
 from gpusm.api.proxy_models import model_list
 from gpusm.config import Config, split_listen
@@ -50,11 +50,16 @@ def listener_ports(config: Config) -> dict[int, str]:
     return ports
 
 
-def _service_in_path(path: str) -> str | None:
-    """NAME of ``/svc/NAME`` or ``/svc/NAME/...``; None for any other path."""
-    if not path.startswith("/svc/"):
+def _service_in_path(scope: Scope) -> str | None:
+    """NAME of ``/svc/NAME`` or ``/svc/NAME/...``; None for any other path.
+
+    Taken from the raw path and decoded once, like the rest of the path the upstream
+    gets: ``/svc/a%2Fb/x`` is service ``a/b`` (unknown), never ``a`` with ``/b/x``.
+    """
+    if not str(scope["path"]).startswith("/svc/"):
         return None
-    name = path[5:].partition("/")[0]
+    raw = scope.get("raw_path") or str(scope["path"]).encode()
+    name = raw.decode("latin-1").partition("?")[0][5:].partition("/")[0]
     return unquote(name) or None
 
 
@@ -75,7 +80,7 @@ class ProxyRoutes:
         server = scope.get("server")
         listener = self.ports.get(server[1]) if server else None
         path: str = scope["path"]
-        service = listener or _service_in_path(path)
+        service = listener or _service_in_path(scope)
         skip = 0 if listener else 2
         if kind == "websocket":
             if service is None:
@@ -94,6 +99,10 @@ class ProxyRoutes:
         except GpusmError as exc:
             status, body = problem_for_error(exc)
             response = _problem(status, body, {})
+        except ClientDisconnect:
+            # The client hung up while its body was being read or sent on: nobody to
+            # answer (the lease, if any, was released on the way out).
+            response = Response(status_code=CLIENT_GONE)
         await response(scope, receive, send)
 
     async def _http(

@@ -86,8 +86,10 @@ async def _downstream(
         done.cancel()  # the client is gone: the other direction ends the upstream
         return
     code = upstream.close_code
+    if code is None or code == 1006:
+        code = UPSTREAM_FAILED  # it went away without a close: not a normal end
     with suppress(RuntimeError, OSError):  # the client may have closed first
-        await websocket.close(1000 if code is None or code in _NOT_SENDABLE else code)
+        await websocket.close(1000 if code in _NOT_SENDABLE else code)
     done.cancel()
 
 

@@ -87,6 +87,7 @@ class UpstreamResponse:
         self._conn: _Conn | None = conn
         self._framing = framing
         self._keep_alive = keep_alive
+        self.method = ""
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (the framing taken off); UpstreamError when
@@ -115,7 +116,7 @@ class UpstreamResponse:
         except UpstreamError:
             await self.aclose()
             raise
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             await self.aclose()
             raise UpstreamError(f"the answer broke off: {exc or type(exc).__name__}") from exc
         # Read to the end: the connection can serve the next request.
@@ -124,6 +125,15 @@ class UpstreamResponse:
             self._pool.give_back(self._origin, conn)
         else:
             conn[1].close()
+
+    def length_is_true(self) -> bool:
+        """Whether the ``Content-Length`` the upstream sent is the length of the body
+        that will be relayed (not for a chunked body, or a 304's stand-in length)."""
+        kind, length = self._framing
+        if self.method == "HEAD":
+            return True
+        said = dict(self.raw_headers).get(b"content-length")
+        return kind == "length" and said is not None and said == str(length).encode()
 
     @property
     def length(self) -> int | None:
@@ -239,7 +249,7 @@ class UpstreamPool:
                 writer.write(body)
             elif body is not None:
                 await self._send_stream(writer, body, chunked=chunked)
-            await writer.drain()
+            await _read(writer.drain())
             try:
                 raw = await _read(reader.readuntil(b"\r\n\r\n"))
             except asyncio.IncompleteReadError as exc:
@@ -247,6 +257,10 @@ class UpstreamPool:
                     raise _Stale from exc
                 raise
             fresh = False
+            # An interim answer (100 Continue, 103 Early Hints) is followed by the
+            # real one on the same connection: skip to it (101 is final).
+            while raw[9:10] == b"1" and raw[9:12] != b"101":
+                raw = await _read(reader.readuntil(b"\r\n\r\n"))
             return _response(self, origin, conn, method, raw)
         except _Stale:
             writer.close()
@@ -262,6 +276,11 @@ class UpstreamPool:
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             writer.close()
             raise UpstreamError(f"a bad answer: {exc or type(exc).__name__}") from exc
+        except BaseException:
+            # The client's body failed mid-way (it hung up), or the request was
+            # cancelled: the upstream has half a request, so the connection is done.
+            writer.close()
+            raise
 
     @staticmethod
     async def _send_stream(
@@ -274,7 +293,7 @@ class UpstreamPool:
                 writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
                 writer.write(chunk)
-            await writer.drain()
+            await _read(writer.drain())
         if chunked:
             writer.write(b"0\r\n\r\n")
 
@@ -317,10 +336,15 @@ def _response(
     elif b"chunked" in fields.get(b"transfer-encoding", b"").lower():
         framing = ("chunked", 0)
     elif b"content-length" in fields:
-        framing = ("length", int(fields[b"content-length"]))
+        length = int(fields[b"content-length"])
+        if length < 0:
+            raise ValueError(f"a negative Content-Length ({length})")
+        framing = ("length", length)
     else:
         framing = ("close", 0)
-    return UpstreamResponse(pool, origin, conn, status, headers, framing, keep_alive)
+    answer = UpstreamResponse(pool, origin, conn, status, headers, framing, keep_alive)
+    answer.method = method
+    return answer
 
 
 async def _dechunk(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
@@ -333,6 +357,8 @@ async def _dechunk(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
                 pass
             return
         chunk = await _read(reader.readexactly(size + 2))
+        if not chunk.endswith(b"\r\n"):
+            raise ValueError("a chunk not followed by CRLF")
         yield chunk[:-2]
 
 

@@ -260,11 +260,15 @@ class Coordinator:
         )
 
     def cancel(self, cancelled: threading.Event) -> None:
-        """Set ``cancelled`` (given to :meth:`ensure_service`) and wake the waiting
-        request at once, not at its next poll."""
-        with self._engine.cond:
-            cancelled.set()
-            self._engine.cond.notify_all()
+        """Set ``cancelled`` (given to :meth:`ensure_service`); the waiting request sees
+        it at once if the engine's lock is free (it is woken), else at its next poll
+        (a fifth of a second). Never blocks: an event loop may call it."""
+        cancelled.set()
+        if self._engine.cond.acquire(blocking=False):
+            try:
+                self._engine.cond.notify_all()
+            finally:
+                self._engine.cond.release()
 
     def renew(self, client: str) -> bool:
         """``client`` is alive: its lease's TTL starts again. False if it holds no lease

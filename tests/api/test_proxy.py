@@ -140,19 +140,20 @@ def test_upstream_status_and_body_come_back_unchanged(
     no_leases(http)
 
 
-def test_ten_concurrent_requests_for_a_cold_service_start_it_once(http: httpx.Client) -> None:
+def test_twenty_concurrent_requests_for_a_cold_model_start_it_once(http: httpx.Client) -> None:
     results: list[int] = []
 
     def one() -> None:
         with httpx.Client(base_url=str(http.base_url), headers=AUTH, timeout=60) as client:
-            results.append(client.get("/svc/ollama/info").status_code)
+            answer = client.post("/api/generate", json=generate("fake-model"))
+            results.append(answer.status_code)
 
-    threads = [threading.Thread(target=one) for _ in range(10)]
+    threads = [threading.Thread(target=one) for _ in range(20)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(90)
-    assert results == [200] * 10
+    assert results == [200] * 20
     assert starts(http, "ollama") == 1
     no_leases(http)
 

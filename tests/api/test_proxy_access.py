@@ -213,3 +213,26 @@ def test_idle_ttl_counts_from_the_answers_last_byte(serve: Serve, tmp_path: Path
         assert "idle" in drain["data"]["reason"]
         drained_at = datetime.fromisoformat(drain["at"]).timestamp()
         assert drained_at - ended >= 0.9
+
+
+def test_an_empty_post_to_a_cold_service_is_relayed_not_left_waiting(
+    serve: Serve, tmp_path: Path
+) -> None:
+    daemon = serve(write_config(tmp_path, proxy_config(tmp_path)))
+    with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=30) as http:
+        answer = http.post("/svc/vidi/generate", content=b"")  # Content-Length: 0
+        assert answer.status_code == 404  # the fake's own answer: no such endpoint
+        assert "no such endpoint" in answer.json()["error"]
+        assert states(http)["vidi"] == "healthy"
+        no_leases(http)
+
+
+def test_a_websocket_for_an_unknown_service_is_refused_cleanly(
+    serve: Serve, tmp_path: Path
+) -> None:
+    daemon = serve(write_config(tmp_path, proxy_config(tmp_path)))
+    url = daemon.url.replace("http://", "ws://") + "/svc/nosuch/ws"
+    with pytest.raises(InvalidStatus):
+        connect(url, additional_headers=AUTH).close()
+    with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=30) as http:
+        assert http.get("/healthz").json()["status"] == "ok"

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from gpusm.api import upstream
+from gpusm.api.proxy_http import response_headers
 from gpusm.api.upstream import UpstreamError, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -125,6 +126,8 @@ def test_a_streamed_body_without_a_length_is_sent_chunked() -> None:
         (b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n", "malformed header"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "broke off"),
         (b"", "closed the connection without answering"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "negative Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY", "not followed"),
     ],
 )
 def test_bad_answers_are_upstream_errors(answer: bytes, says: str) -> None:
@@ -170,5 +173,34 @@ def test_nothing_listening_and_https_are_refused_clearly() -> None:
             await pool.send("GET", base, "/", [], None)
         with pytest.raises(UpstreamError, match="only http://"):
             await pool.send("GET", "https://127.0.0.1:1", "/", [], None)
+
+    run(test)
+
+
+def test_an_interim_answer_is_skipped_and_a_stand_in_length_is_not_relayed() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+        await _head(reader)
+        # A 304 may carry the length of the 200 it stands for: there is no body.
+        writer.write(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\n\r\n")
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+        await writer.drain()
+
+    async def test() -> None:
+        server, base, _ = await _serve(handler)
+        pool = UpstreamPool()
+        async with server:
+            first = await pool.send("POST", base, "/", [], b"x")
+            assert (first.status_code, await first.read()) == (200, b"first")
+            assert response_headers(first) == [(b"content-length", b"5")]
+            cached = await pool.send("GET", base, "/", [], None)
+            assert (cached.status_code, await cached.read()) == (304, b"")
+            assert response_headers(cached) == []
+            second = await pool.send("GET", base, "/", [], None)
+            assert await second.read() == b"second"  # the connection was not poisoned
+            await pool.aclose()
 
     run(test)
