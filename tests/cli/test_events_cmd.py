@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from gpusm.cli.events_cmd import register
 from gpusm.domain.events import NewEvent
 from gpusm.store import SqlEventStore
+from gpusm.store.schema import SCHEMA_REVISION
 
 T0 = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
 
@@ -276,7 +277,7 @@ def test_db_upgrade_creates_and_reports_the_revision(
 ) -> None:
     code, out, _ = run(app, config, "db", "upgrade")
     assert code == 0
-    assert "schema revision 0001 (newest)" in out
+    assert f"schema revision {SCHEMA_REVISION} (newest)" in out
     assert db.is_file()
     assert run(app, config, "db", "upgrade")[0] == 0
 
