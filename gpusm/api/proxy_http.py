@@ -178,7 +178,10 @@ class Buffered(Response):
         body: bytes,
         on_close: Callable[[], Awaitable[None]],
     ) -> None:
-        super().__init__(body, status_code=upstream.status_code)
+        # Not Response.__init__: the headers are the upstream's, nothing to work out.
+        self.status_code = upstream.status_code
+        self.body = body
+        self.background = None
         self.raw_headers = response_headers(upstream)
         self._on_close = on_close
 

@@ -41,7 +41,7 @@ from gpusm.wire import (
     to_json,
 )
 
-__all__ = ["build_router", "problem_responses"]
+__all__ = ["build_router", "only_once", "problem_responses", "utc_query"]
 
 _DESCRIPTIONS = {
     400: "The body could not be parsed",
@@ -67,7 +67,7 @@ def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": Problem, "description": _DESCRIPTIONS[c]} for c in sorted(set(codes))}
 
 
-def _utc(value: str | None, name: str) -> datetime | None:
+def utc_query(value: str | None, name: str) -> datetime | None:
     """An RFC 3339 / ISO 8601 time as UTC; 422 for anything else (never a timestamp)."""
     if value is None:
         return None
@@ -84,7 +84,7 @@ def _utc(value: str | None, name: str) -> datetime | None:
         ) from exc
 
 
-def _once(*names: str) -> Any:
+def only_once(*names: str) -> Any:
     """A dependency that refuses a repeated single-valued query parameter (422)."""
 
     async def check(request: Request) -> None:
@@ -119,7 +119,7 @@ def build_router(state: ApiState) -> APIRouter:
             state,
             coord,
             problem_responses(*_ALWAYS),
-            [_once("service", "after_seq", "heartbeat_s")],
+            [only_once("service", "after_seq", "heartbeat_s")],
         )
     )
     return router
@@ -312,7 +312,7 @@ def _query_routes(router: APIRouter, state: ApiState, coord: Any) -> None:
         "/gpu/plan/{phase}",
         response_model=Plan,
         responses=problem_responses(*_ALWAYS, 404),
-        dependencies=[_once("client", "priority")],
+        dependencies=[only_once("client", "priority")],
     )
     def plan(
         phase: Name,
@@ -327,7 +327,7 @@ def _query_routes(router: APIRouter, state: ApiState, coord: Any) -> None:
         "/gpu/events",
         response_model=EventPage,
         responses=problem_responses(*_ALWAYS),
-        dependencies=[_once("service", "since", "until", "limit", "after_seq")],
+        dependencies=[only_once("service", "since", "until", "limit", "after_seq")],
     )
     def events(
         coord: Coord,
@@ -344,8 +344,8 @@ def _query_routes(router: APIRouter, state: ApiState, coord: Any) -> None:
         query = EventQuery(
             stream=service or None,
             types=type or None,
-            since=_utc(since, "since"),
-            until=_utc(until, "until"),
+            since=utc_query(since, "since"),
+            until=utc_query(until, "until"),
             after_seq=after_seq,
             limit=limit,
         )

@@ -76,6 +76,9 @@ def make_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:
         # The proxy's WebSocket pass-through; the sans-I/O implementation (the
         # default one is deprecated by the websockets library).
         ws="websockets-sansio",
+        # The daemon is not behind a reverse proxy of its own: a client's
+        # X-Forwarded-For is not who it is (the proxy passes it on, and appends the peer).
+        proxy_headers=False,
     )
     return _Server(config)
 

@@ -26,11 +26,11 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
 from gpusm.api.problems import HttpProblem
-from gpusm.api.routes import problem_responses
+from gpusm.api.routes import only_once, problem_responses, utc_query
 from gpusm.api.state import ApiState
 from gpusm.engine.coordinator import Coordinator
 from gpusm.errors import UnknownName
@@ -93,29 +93,6 @@ def static_files() -> dict[str, tuple[bytes, str]]:
 
     walk(resources.files("gpusm.api").joinpath("static"), "")
     return found
-
-
-def _utc(value: str | None, name: str) -> datetime | None:
-    """An ISO 8601 time as UTC (no zone: UTC); 422 for anything else."""
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.strip().upper())
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    except (OverflowError, ValueError) as exc:
-        raise HttpProblem(
-            "invalid-request",
-            f"{name}: {value!r} is not an ISO 8601 time in range, e.g. 2026-01-31T12:00Z ({exc})",
-        ) from exc
-
-
-def _once(*names: str) -> Any:
-    async def check(request: Request) -> None:
-        for name in names:
-            if len(request.query_params.getlist(name)) > 1:
-                raise HttpProblem("invalid-request", f"{name}: give it at most once")
-
-    return Depends(check)
 
 
 def timeline_of(
@@ -182,7 +159,7 @@ def build_ui_router(state: ApiState) -> APIRouter:
         "/gpu/timeline",
         response_model=TimelineAnswer,
         responses=problem_responses(421, 422, 500, 503, 404),
-        dependencies=[_once("since", "until", "device")],
+        dependencies=[only_once("since", "until", "device")],
     )
     def timeline(
         coord: Coord,
@@ -196,7 +173,7 @@ def build_ui_router(state: ApiState) -> APIRouter:
         reason. ``since``/``until`` clip (ISO 8601, no zone = UTC; ``since`` after
         ``until``: an empty window); ``device`` keeps one device (404 if the GPU has no
         such device)."""
-        since_at, until_at = _utc(since, "since"), _utc(until, "until")
+        since_at, until_at = utc_query(since, "since"), utc_query(until, "until")
         # since after until is an empty window, as for GET /gpu/events (the dashboard
         # checks its own range before asking).
         answer = timeline_of(coord, since_at, until_at, device)

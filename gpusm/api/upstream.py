@@ -143,7 +143,25 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body (for one whose :attr:`length` is small)."""
-        return b"".join([chunk async for chunk in self.aiter_raw()])
+        conn = self._conn
+        kind, length = self._framing
+        if conn is None or kind != "length":
+            return b"".join([chunk async for chunk in self.aiter_raw()])
+        # The common small answer: one read, no generator.
+        try:
+            body = await _read(conn[0].readexactly(length)) if length else b""
+        except UpstreamError:
+            await self.aclose()
+            raise
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            await self.aclose()
+            raise UpstreamError("the connection closed before the body's end") from exc
+        self._conn = None
+        if self._keep_alive:
+            self._pool.give_back(self._origin, conn)
+        else:
+            conn[1].close()
+        return body
 
     async def aclose(self) -> None:
         """Drop the connection unless the body was read to its end; idempotent."""

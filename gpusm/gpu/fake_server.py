@@ -218,6 +218,12 @@ _POST_ROUTES: dict[str, Callable[[_Handler, dict[str, list[str]], dict[str, Any]
 }
 
 
+class _Listener(ThreadingHTTPServer):
+    # A real server's accept backlog (uvicorn's is 2048), not http.server's 5: a burst
+    # of new connections (twenty clients once a model is up) is queued, not reset.
+    request_queue_size = 1024
+
+
 def _handler(server: _Server) -> type[BaseHTTPRequestHandler]:
     return type("Handler", (_Handler,), {"fake": server, "sims": server.sims})
 
@@ -249,7 +255,7 @@ def run_fake_server(options: FakeServerOptions, sim: SimGpu | Sequence[SimGpu]) 
     server = _Server(options, sims)
     _install_signals(server)
     try:
-        httpd = ThreadingHTTPServer((options.host, options.port), _handler(server))
+        httpd = _Listener((options.host, options.port), _handler(server))
     except OSError as exc:
         server.log(f"cannot listen on {options.host}:{options.port}: {exc.strerror}")
         return EXIT_PORT

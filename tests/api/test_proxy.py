@@ -141,18 +141,21 @@ def test_upstream_status_and_body_come_back_unchanged(
 
 def test_twenty_concurrent_requests_for_a_cold_model_start_it_once(http: httpx.Client) -> None:
     results: list[int] = []
+    bodies: list[str] = []
 
     def one() -> None:
         with httpx.Client(base_url=str(http.base_url), headers=AUTH, timeout=60) as client:
             answer = client.post("/api/generate", json=generate("fake-model"))
             results.append(answer.status_code)
+            if answer.status_code != 200:
+                bodies.append(answer.text)
 
     threads = [threading.Thread(target=one) for _ in range(20)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(90)
-    assert results == [200] * 20
+    assert results == [200] * 20, bodies
     assert starts(http, "ollama") == 1
     no_leases(http)
 
