@@ -237,7 +237,7 @@ async def _load(
                 conn[1].close()
 
     # Bounded in time: a request still unanswered GRACE_S after the window is cancelled
-    # and counted (a connect whose SYN the fake's 5-deep backlog dropped waits 1, 3, 7 s...).
+    # and counted (a connect whose SYN a full accept backlog dropped waits 1, 3, 7 s...).
     tasks = [asyncio.ensure_future(one_client()) for _ in range(clients)]
     _, pending = await asyncio.wait(tasks, timeout=warm_s + measure_s + GRACE_S)
     for task in pending:
