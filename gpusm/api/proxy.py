@@ -61,7 +61,7 @@ from gpusm.errors import (
 )
 from gpusm.results import PhaseResult
 
-__all__ = ["CLIENT_GONE", "MODEL_BODY_LIMIT", "Proxy", "rest_of_path", "route_by_model"]
+__all__ = ["CLIENT_GONE", "MODEL_BODY_LIMIT", "WAITERS", "Proxy", "rest_of_path", "route_by_model"]
 
 _log = logging.getLogger("gpusm.api.proxy")
 
@@ -70,6 +70,9 @@ MODEL_BODY_LIMIT = 1 << 20
 # Retry-After when the service could not be made ready: about one more load's worth.
 _RETRY_MIN_S = 1
 _RETRY_MAX_S = 60
+# Worker threads proxied requests may wait in at once (of the daemon's 256); more
+# wait for one of them, within their proxy.wait_s.
+WAITERS = 128
 # The status a request whose client hung up is counted under (nginx's; nobody reads it).
 CLIENT_GONE = 499
 
@@ -132,6 +135,7 @@ class Proxy:
         self._bases: dict[str, tuple[ServiceConfig, str]] = {}
         self._id_prefix = secrets.token_hex(3)
         self._ids = itertools.count(1)
+        self._waiting: anyio.CapacityLimiter | None = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -143,6 +147,14 @@ class Proxy:
         finally:
             http, self.http = self.http, None
             await http.aclose()
+
+    def _waiters(self) -> anyio.CapacityLimiter:
+        """The worker threads proxied requests may wait in: at most :data:`WAITERS`, so
+        that a crowd waiting for a stopped model leaves the rest of the daemon's threads
+        (status, phases, reloads) free."""
+        if self._waiting is None:
+            self._waiting = anyio.CapacityLimiter(WAITERS)
+        return self._waiting
 
     def _request_id(self) -> str:
         """Unique in this daemon's life (and unlike another daemon's): a random prefix
@@ -366,18 +378,24 @@ class Proxy:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._refusal(coordinator, service, wait_s, "its lease was revoked")
-            ensure = partial(
-                coordinator.ensure_service,
-                service,
-                client,
-                left,
-                None,
-                quiet=True,
-                priority=caller.priority,
-                cancelled=cancelled,
-            )
+
+            def ensure() -> PhaseResult:
+                # The time left is taken when a thread is free: waiting for one counts.
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RequestTimeout(f"no worker thread was free within {wait_s:g} s")
+                return coordinator.ensure_service(
+                    service,
+                    client,
+                    left,
+                    None,
+                    quiet=True,
+                    priority=caller.priority,
+                    cancelled=cancelled,
+                )
+
             try:
-                result = await anyio.to_thread.run_sync(ensure)
+                result = await anyio.to_thread.run_sync(ensure, limiter=self._waiters())
             except RequestCancelled:
                 raise
             except (InsufficientVram, RequestTimeout) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from gpusm.api import proxy as proxy_module
 from tests.api.api_helpers import TOKEN, free_port
 from tests.api.test_proxy import AUTH, PROBLEM, Serve, no_leases, proxy_config, states, write_config
 from tests.support import eventually
@@ -236,3 +238,21 @@ def test_a_websocket_for_an_unknown_service_is_refused_cleanly(
         connect(url, additional_headers=AUTH).close()
     with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=30) as http:
         assert http.get("/healthz").json()["status"] == "ok"
+
+
+def test_requests_beyond_the_proxys_waiting_threads_queue_for_one(
+    serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One waiting thread for the whole proxy: three cold requests take turns in it.
+    monkeypatch.setattr(proxy_module, "WAITERS", 1)
+    daemon = serve(write_config(tmp_path, proxy_config(tmp_path)))
+    with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=60) as http:
+        with ThreadPoolExecutor(3) as pool:
+            pending = [pool.submit(http.get, "/svc/vidi/info") for _ in range(3)]
+            # The daemon's own API does not wait in the proxy's threads.
+            assert http.get("/gpu/status").status_code == 200
+            answers = [future.result(timeout=60) for future in pending]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        events = http.get("/gpu/events", params={"service": "vidi", "type": "StartRequested"})
+        assert len(events.json()["events"]) == 1
+        no_leases(http)
