@@ -26,7 +26,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gpusm.api.problems import HttpProblem
+from gpusm.api.problems import HttpProblem, problem_response
 from gpusm.api.proxy import Proxy
 from gpusm.api.proxy_routes import ProxyRoutes, listener_ports
 from gpusm.api.routes import build_router
@@ -49,12 +49,6 @@ _DESCRIPTION = (
 )
 
 
-def _problem(
-    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
-
-
 class _Gate:
     """ASGI middleware: refuse a non-local ``Host`` (421), and everything but /healthz
     while there is no recovered coordinator (503)."""
@@ -65,28 +59,28 @@ class _Gate:
         self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
+        kind = scope["type"]
+        problem = self._refusal(scope) if kind in ("http", "websocket") else None
+        if problem is None:
+            await self.app(scope, receive, send)
+        elif kind == "websocket":
             # A WebSocket handshake is refused by closing it (the client sees a 403).
-            host = Headers(scope=scope).get("host")
-            if not self.guard.allows(host) or self.state.coordinator is None:
-                await send({"type": "websocket.close", "code": 1008})
-                return
-        if scope["type"] == "http":
-            host = Headers(scope=scope).get("host")
-            problem: HttpProblem | None = None
-            if not self.guard.allows(host):
-                problem = HttpProblem(
-                    "misdirected-request",
-                    f"Host {host!r} is not this machine; gpusm answers only requests "
-                    "addressed to 127.0.0.1, localhost, [::1] or its listen address",
-                )
-            elif scope["path"] != "/healthz" and self.state.coordinator is None:
-                problem = self.state.unavailable()
-            if problem is not None:
-                response = _problem(problem.status, problem.body(), problem.headers)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            response = problem_response(problem.status, problem.body(), problem.headers)
+            await response(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> HttpProblem | None:
+        host = Headers(scope=scope).get("host")
+        if not self.guard.allows(host):
+            return HttpProblem(
+                "misdirected-request",
+                f"Host {host!r} is not this machine; gpusm answers only requests "
+                "addressed to 127.0.0.1, localhost, [::1] or its listen address",
+            )
+        if scope["path"] != "/healthz" and self.state.coordinator is None:
+            return self.state.unavailable()
+        return None
 
 
 def _install_handlers(app: FastAPI, state: ApiState) -> None:
@@ -95,11 +89,11 @@ def _install_handlers(app: FastAPI, state: ApiState) -> None:
         status, body = problem_for_error(exc)
         if status == 409:
             state.metrics.refuse(body["type"].rpartition(":")[2])
-        return _problem(status, body)
+        return problem_response(status, body)
 
     async def http_problem(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HttpProblem)
-        return _problem(exc.status, exc.body(), exc.headers)
+        return problem_response(exc.status, exc.body(), exc.headers)
 
     async def invalid(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -116,7 +110,7 @@ def _install_handlers(app: FastAPI, state: ApiState) -> None:
                 "status": HTTPStatus.BAD_REQUEST.value,
                 "detail": f"the request body is not valid JSON ({why}{at})",
             }
-            return _problem(HTTPStatus.BAD_REQUEST.value, body)
+            return problem_response(HTTPStatus.BAD_REQUEST.value, body)
         errors = [
             {
                 "loc": [str(p) for p in e.get("loc", ())],
@@ -127,7 +121,7 @@ def _install_handlers(app: FastAPI, state: ApiState) -> None:
         ]
         where = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:3])
         problem = HttpProblem("invalid-request", where or "invalid request", errors=errors)
-        return _problem(422, problem.body())
+        return problem_response(422, problem.body())
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -138,14 +132,14 @@ def _install_handlers(app: FastAPI, state: ApiState) -> None:
             "status": exc.status_code,
             "detail": str(exc.detail),
         }
-        return _problem(exc.status_code, body, dict(exc.headers or {}))
+        return problem_response(exc.status_code, body, dict(exc.headers or {}))
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         _log.error("unexpected error", exc_info=exc)
         body = HttpProblem(
             "internal-error", f"internal error ({type(exc).__name__}); see the daemon's log"
         ).body()
-        return _problem(500, body)
+        return problem_response(500, body)
 
     app.add_exception_handler(GpusmError, gpusm_error)
     app.add_exception_handler(HttpProblem, http_problem)

@@ -10,9 +10,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gpusm.wire import PROBLEMS, problem_body
+from fastapi.responses import JSONResponse
 
-__all__ = ["HttpProblem"]
+from gpusm.wire import PROBLEM_MEDIA_TYPE, PROBLEMS, problem_body
+
+__all__ = ["HttpProblem", "problem_response"]
+
+
+def problem_response(
+    status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """A problem document as an ``application/problem+json`` response."""
+    return JSONResponse(
+        dict(body), status_code=status, headers=dict(headers or {}), media_type=PROBLEM_MEDIA_TYPE
+    )
 
 
 class HttpProblem(Exception):

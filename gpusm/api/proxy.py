@@ -256,13 +256,13 @@ class Proxy:
         coordinator = _coordinator(self.state)
         try:
             caller.check(service)
-            config = coordinator.config.service(service)
-        except (HttpProblem, GpusmError):
-            await websocket.close(1008)  # not this key's, or no such service
+            config, base = self._upstream(coordinator, service)
+        except HttpProblem as problem:
+            # Not this key's (1008), or a service with no upstream (1011).
+            await websocket.close(1011 if problem.slug == "config-error" else 1008)
             return
-        base = config.upstream_url()
-        if base is None:
-            await websocket.close(1011)
+        except GpusmError:
+            await websocket.close(1008)  # no such service
             return
         url = websocket_url(base, path)
         if config.ignores(path.partition("?")[0]):

@@ -162,10 +162,19 @@ async def read_small(upstream: UpstreamResponse, service: str) -> bytes | None:
     if length is None or length > SMALL_BODY:
         return None
     try:
-        return await upstream.read()
+        return await upstream.read()  # closes its connection when it fails
     except UpstreamError as exc:
-        await upstream.aclose()
         raise upstream_problem(service, "its answer", exc) from exc
+
+
+async def _send_then(sending: Awaitable[None], then: Callable[[], Awaitable[None]]) -> None:
+    """Send a response, then ``then()`` — shielded from cancellation, however the
+    sending ends (sent, the client gone, the server stopping)."""
+    try:
+        await sending
+    finally:
+        with anyio.CancelScope(shield=True):
+            await then()
 
 
 class Buffered(Response):
@@ -186,11 +195,7 @@ class Buffered(Response):
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._on_close()
+        await _send_then(super().__call__(scope, receive, send), self._on_close)
 
 
 class Relay(StreamingResponse):
@@ -210,11 +215,7 @@ class Relay(StreamingResponse):
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.close()
+        await _send_then(super().__call__(scope, receive, send), self.close)
 
     async def close(self) -> None:
         """Close the upstream answer, then ``on_close`` (once; also when never sent)."""

@@ -27,13 +27,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from gpusm.api.problems import HttpProblem
+from gpusm.api.problems import HttpProblem, problem_response
 from gpusm.api.proxy import CLIENT_GONE, Proxy, rest_of_path, route_by_model
 from gpusm.api.proxy_keys import Caller
 from gpusm.api.proxy_models import model_list
 from gpusm.config import Config, split_listen
 from gpusm.errors import GpusmError
-from gpusm.wire import PROBLEM_MEDIA_TYPE, problem_for_error
+from gpusm.wire import problem_for_error
 
 __all__ = ["ProxyRoutes", "listener_ports"]
 
@@ -95,10 +95,10 @@ class ProxyRoutes:
         try:
             response = await self._http(request, service, skip, listener)
         except HttpProblem as problem:
-            response = _problem(problem.status, problem.body(), problem.headers)
+            response = problem_response(problem.status, problem.body(), problem.headers)
         except GpusmError as exc:
             status, body = problem_for_error(exc)
-            response = _problem(status, body, {})
+            response = problem_response(status, body)
         except ClientDisconnect:
             # The client hung up while its body was being read or sent on: nobody to
             # answer (the lease, if any, was released on the way out).
@@ -136,9 +136,3 @@ class ProxyRoutes:
             return
         path = rest_of_path(websocket.scope, skip)
         await self.proxy.forward_websocket(websocket, caller, service, path)
-
-
-def _problem(status: int, body: dict[str, object], headers: Mapping[str, str]) -> JSONResponse:
-    return JSONResponse(
-        body, status_code=status, headers=dict(headers), media_type=PROBLEM_MEDIA_TYPE
-    )

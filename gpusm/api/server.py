@@ -13,8 +13,9 @@ import errno
 import socket
 from typing import TYPE_CHECKING
 
+from gpusm.config import Config
 from gpusm.errors import GpusmError
-from gpusm.wire import Listen
+from gpusm.wire import Listen, parse_listen
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     # The server type, for modules outside ``api/`` that hold one (``gpusm serve``).
     Server: TypeAlias = uvicorn.Server
 
-__all__ = ["bind", "bound_port", "make_server"]
+__all__ = ["bind", "bind_listeners", "bound_port", "make_server"]
 
 
 def bind(listen: Listen) -> socket.socket:
@@ -49,6 +50,20 @@ def bind(listen: Listen) -> socket.socket:
             ) from exc
         raise GpusmError(f"cannot listen on {listen.host}:{listen.port}: {exc}") from exc
     return sock
+
+
+def bind_listeners(config: Config) -> list[socket.socket]:
+    """A listening socket for each service's own ``listen`` address (the proxy's
+    listeners, served by the same server as the API); none stays bound on failure."""
+    bound: list[socket.socket] = []
+    try:
+        for address in config.listens():
+            bound.append(bind(parse_listen(address, "listen")))
+    except GpusmError:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
 
 
 def make_server(app: FastAPI, log_level: str = "warning") -> uvicorn.Server:

@@ -12,11 +12,11 @@ from types import TracebackType
 from typing import Any
 
 from gpusm.api.app import create_app, state_of
-from gpusm.api.server import bind, bound_port, make_server
+from gpusm.api.server import bind, bind_listeners, bound_port, make_server
 from gpusm.api.state import ApiState
 from gpusm.config import Config
 from gpusm.errors import GpusmError
-from gpusm.wire import Listen, parse_listen
+from gpusm.wire import Listen
 
 __all__ = ["ThreadedServer"]
 
@@ -33,8 +33,7 @@ class ThreadedServer:
     ) -> None:
         self.app = create_app(config, **app_kwargs)
         self._listen = Listen(host, port)
-        # The services' own listeners are served too, as by ``gpusm serve``.
-        self._listeners = [parse_listen(address, "listen") for address in config.listens()]
+        self._config = config
         self._server = make_server(self.app)
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -53,7 +52,8 @@ class ThreadedServer:
         """Bind, serve in a thread, and wait until uvicorn has started."""
         sock = bind(self._listen)
         self.port = bound_port(sock)
-        sockets = [sock, *(bind(listen) for listen in self._listeners)]
+        # The services' own listeners are served too, as by ``gpusm serve``.
+        sockets = [sock, *bind_listeners(self._config)]
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": sockets}, name="gpusm-api", daemon=True
         )

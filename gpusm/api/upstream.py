@@ -119,7 +119,10 @@ class UpstreamResponse:
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             await self.aclose()
             raise UpstreamError(f"the answer broke off: {exc or type(exc).__name__}") from exc
-        # Read to the end: the connection can serve the next request.
+        self._finished(conn)
+
+    def _finished(self, conn: _Conn) -> None:
+        """The body was read to its end: the connection can serve the next request."""
         self._conn = None
         if self._keep_alive:
             self._pool.give_back(self._origin, conn)
@@ -156,11 +159,7 @@ class UpstreamResponse:
         except (OSError, asyncio.IncompleteReadError) as exc:
             await self.aclose()
             raise UpstreamError("the connection closed before the body's end") from exc
-        self._conn = None
-        if self._keep_alive:
-            self._pool.give_back(self._origin, conn)
-        else:
-            conn[1].close()
+        self._finished(conn)
         return body
 
     async def aclose(self) -> None:

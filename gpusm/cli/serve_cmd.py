@@ -60,7 +60,7 @@ def serve(
     from gpusm.api.app import create_app, state_of
     from gpusm.api.proxy_keys import load_keys
     from gpusm.api.security import load_or_create_token
-    from gpusm.api.server import bind, bound_port, make_server
+    from gpusm.api.server import bind, bind_listeners, bound_port, make_server
     from gpusm.wire import TOKEN_ENV, parse_listen
 
     cfg = load(config)
@@ -90,7 +90,7 @@ def serve(
     with friendly_errors():
         sock = bind(where)
         # The services' own listeners (services.NAME.listen): the same server answers.
-        listeners = [bind(parse_listen(address, "listen")) for address in cfg.listens()]
+        listeners = bind_listeners(cfg)
     server = make_server(app, log_level)
     servers.append(server)
 
