@@ -93,7 +93,7 @@ def response_headers(upstream: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     the body goes back as the bytes it came as (its chunked framing taken off)."""
     raw = upstream.raw_headers
     drop = _hop_by_hop((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
-    if not upstream.length_is_true():
+    if not upstream.length_is_true:
         drop.add("content-length")
     return [(k, v) for k, v in raw if k.decode("latin-1") not in drop]
 

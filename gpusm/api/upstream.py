@@ -78,6 +78,7 @@ class UpstreamResponse:
         raw_headers: list[tuple[bytes, bytes]],
         framing: tuple[str, int],
         keep_alive: bool,
+        length_is_true: bool = False,
     ) -> None:
         self.status_code = status_code
         # As the server sent them (repeated names kept), names lower-cased.
@@ -87,7 +88,9 @@ class UpstreamResponse:
         self._conn: _Conn | None = conn
         self._framing = framing
         self._keep_alive = keep_alive
-        self.method = ""
+        # Whether the Content-Length the upstream sent is the length of the body that
+        # will be relayed (not for a chunked body, or a 304's stand-in length).
+        self.length_is_true = length_is_true
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (the framing taken off); UpstreamError when
@@ -128,15 +131,6 @@ class UpstreamResponse:
             self._pool.give_back(self._origin, conn)
         else:
             conn[1].close()
-
-    def length_is_true(self) -> bool:
-        """Whether the ``Content-Length`` the upstream sent is the length of the body
-        that will be relayed (not for a chunked body, or a 304's stand-in length)."""
-        kind, length = self._framing
-        if self.method == "HEAD":
-            return True
-        said = dict(self.raw_headers).get(b"content-length")
-        return kind == "length" and said is not None and said == str(length).encode()
 
     @property
     def length(self) -> int | None:
@@ -359,9 +353,11 @@ def _response(
         framing = ("length", length)
     else:
         framing = ("close", 0)
-    answer = UpstreamResponse(pool, origin, conn, status, headers, framing, keep_alive)
-    answer.method = method
-    return answer
+    said = fields.get(b"content-length")
+    true_length = method == "HEAD" or (framing[0] == "length" and said == str(framing[1]).encode())
+    return UpstreamResponse(
+        pool, origin, conn, status, headers, framing, keep_alive, length_is_true=true_length
+    )
 
 
 async def _dechunk(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
